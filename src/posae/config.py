@@ -176,19 +176,19 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
         return _coerce(value, inner[0], where, meta)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _build(tp, value, where)
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}. Fix: write it as a section of key: value lines")
+        return _build(tp, value, where + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}. Fix: write it as [a, b, ...]")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{where}[{i}]", meta) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}. Fix: give exactly {len(args)}")
         return tuple(_coerce(v, a, f"{where}[{i}]", meta) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}. Fix: write key: value pairs")
         return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -199,10 +199,10 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}. Fix: write a whole number")
     elif tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}. Fix: write true or false")
     elif tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}. Fix: quote it")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, meta['choices']))}. Fix: pick one of them")
     if "min" in meta and isinstance(value, (int, float)) and value < meta["min"]:
@@ -212,16 +212,16 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    """`prefix` is "<file>: " then the dotted key so far, e.g. "params/x.yaml: model."."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}. Fix: remove it or use one of: {', '.join(fields)}"
+            f"{prefix}{unknown[0]}: unknown key. Fix: remove it or use one of: {', '.join(fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where[-1] != ":" else f"{where} {k}", dict(fields[k].metadata))
-              for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", dict(fields[k].metadata)) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -258,7 +258,7 @@ def load_config(name_or_path: str | Path = "default", check_model: bool = True) 
     path = resolve_config_path(name_or_path)
     data = _read_yaml(path)
     data.setdefault("name", path.stem)
-    cfg = _build(Config, data, f"{path}:")
+    cfg = _build(Config, data, f"{path}: ")
     cfg = dataclasses.replace(cfg, source=str(path))
     _check_semantics(cfg, path, check_model)
     return cfg
@@ -269,11 +269,11 @@ def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
     if not layers:
         raise ConfigError(f"{path}: capture.layers is empty. Fix: list at least one layer, e.g. [3, 8, 13]")
     if len(set(layers)) != len(layers) or any(l < 0 for l in layers):
-        raise ConfigError(f"{path}: capture.layers {list(layers)} must be distinct and >= 0")
+        raise ConfigError(f"{path}: capture.layers {list(layers)} must be distinct and >= 0. Fix: list each layer once")
     if not cfg.train.seeds:
         raise ConfigError(f"{path}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
     if cfg.sae.buckets > cfg.corpus.seq_len:
-        raise ConfigError(f"{path}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}")
+        raise ConfigError(f"{path}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")
     if check_model:
         from posae import corpus, models  # late import: these pull in transformers
 

@@ -1,0 +1,48 @@
+"""What every notebook does first: validate the config, record the environment, set the plot style."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+
+from posae.config import Config, load_config
+from posae.paths import REPO_ROOT, run_dir, write_json_atomic, write_text_atomic
+
+
+def git_commit() -> str:
+    """The repository's commit, with '+dirty' when the work tree has changes; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def record_environment(cfg: Config) -> None:
+    """Save the package versions (as `pip freeze` lists them) and the machine a run used."""
+    out = run_dir(cfg.name) / "environment"
+    dists = sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                    if d.metadata["Name"]}, key=str.lower)
+    write_text_atomic(out / "pip-freeze.txt", "\n".join(dists) + "\n")
+    import torch  # late: keeps `posae.notebook` importable without paying for torch
+
+    write_json_atomic(out / "machine.json", {
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+        "processor": platform.processor(), "cpu_count": torch.get_num_threads(), "git_commit": git_commit(),
+        "config_source": cfg.source,
+    })
+
+
+def setup(config: str) -> Config:
+    """Load and validate `config` (a name under params/ or a path), record the environment, style plots."""
+    cfg = load_config(config)
+    record_environment(cfg)
+    from posae.plots import set_style
+
+    set_style()
+    return cfg

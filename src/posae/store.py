@@ -1,0 +1,236 @@
+"""The activation store: one folder per (layer, split), memory-mapped, loadable without unpickling.
+
+Layout of ``runs/<config>/activations/layer_<L>/<split>/``::
+
+    acts.npy     [N, D] raw activations in 16 bits: float16 when every value fits its range,
+                 else bfloat16 bits kept as uint16 (numpy has no bfloat16)
+    tokens.npy   [N] token ids      pos.npy [N] position in the sequence      seq.npy [N] sequence id
+    mean.npy     [D] training mean (float32), used to centre
+    meta.json    model, layer, split, dtypes, count, d_model, scale, content hash, ...
+
+Stores are written into a temporary folder and renamed into place once complete (`atomic_dir`), so
+a folder named like a store with a meta.json is always whole. Normalisation (SPEC §4, §9): centre
+with the training mean μ, then multiply by one scale per layer chosen so that the mean squared norm
+of the centred training activations is d. Both live in the store; `normalised` applies them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+
+from posae.paths import atomic_dir, clean_stale_temps
+
+FORMAT_VERSION = 1
+_FP16_MAX = 65504.0
+_ARRAYS = ("acts", "tokens", "pos", "seq")
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete, corrupt or stale; the message says which and what to do."""
+
+
+def _to_bf16_bits(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+class StoreWriter:
+    """Stream activations into a new store; on a clean exit the store appears at `path` at once.
+
+    `stats_from=None` computes μ and the scale from this store's own data (the training split);
+    passing the training store copies its μ and scale (the validation split).
+    """
+
+    def __init__(self, path: Path | str, n_tokens: int, d_model: int, meta: dict[str, Any],
+                 stats_from: "ActivationStore | None" = None):
+        self.path = Path(path)
+        self.n_tokens, self.d_model, self.meta = n_tokens, d_model, dict(meta)
+        self.stats_from = stats_from
+        self._n = 0
+        self._sum_D = np.zeros(d_model, dtype=np.float64)
+        self._sumsq = 0.0
+        self._absmax = 0.0
+
+    def __enter__(self) -> "StoreWriter":
+        clean_stale_temps(self.path.parent)
+        self._ctx = atomic_dir(self.path)
+        self._tmp = self._ctx.__enter__()
+        N, D = self.n_tokens, self.d_model
+        # Written as float16 bits; converted to bfloat16 bits at the end only if a value overflows.
+        self._acts = open_memmap(self._tmp / "acts.npy", mode="w+", dtype=np.uint16, shape=(N, D))
+        self._acts_bf16 = None
+        self._idx = {name: open_memmap(self._tmp / f"{name}.npy", mode="w+", dtype=np.int32, shape=(N,))
+                     for name in ("tokens", "pos", "seq")}
+        return self
+
+    def append(self, acts_BD, tokens_B, pos_B, seq_B) -> None:
+        x_BD = torch.as_tensor(acts_BD)
+        B = x_BD.shape[0]
+        if self._n + B > self.n_tokens:
+            raise StoreError(f"{self.path}: more tokens appended than the {self.n_tokens} announced")
+        x32_BD = x_BD.float()
+        if not torch.isfinite(x32_BD).all():
+            raise StoreError(f"{self.path}: non-finite activations at tokens {self._n}..{self._n + B}; "
+                             "the model's forward overflowed. Fix: set model.dtype: float32")
+        self._sum_D += x32_BD.sum(0, dtype=torch.float64).numpy()
+        self._sumsq += float(x32_BD.pow(2).sum(dtype=torch.float64))
+        self._absmax = max(self._absmax, float(x32_BD.abs().max()))
+        sl = slice(self._n, self._n + B)
+        self._acts[sl] = x32_BD.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+        if self._absmax > _FP16_MAX and self._acts_bf16 is None:
+            self._switch_to_bf16()
+        if self._acts_bf16 is not None:
+            self._acts_bf16[sl] = _to_bf16_bits(x32_BD)
+        for name, arr in (("tokens", tokens_B), ("pos", pos_B), ("seq", seq_B)):
+            self._idx[name][sl] = np.asarray(arr, dtype=np.int32)
+        self._n += B
+
+    def _switch_to_bf16(self) -> None:
+        """A value overflowed float16: keep bfloat16 bits from now on, converting the rows so far."""
+        self._acts_bf16 = open_memmap(self._tmp / "acts_bf16.npy", mode="w+", dtype=np.uint16,
+                                      shape=(self.n_tokens, self.d_model))
+        for s in range(0, self._n, 65536):
+            rows = torch.from_numpy(np.ascontiguousarray(self._acts[s:min(s + 65536, self._n)]).view(np.int16))
+            self._acts_bf16[s:s + rows.shape[0]] = _to_bf16_bits(rows.view(torch.float16).float())
+
+    def _finish(self) -> None:
+        if self._n != self.n_tokens:
+            raise StoreError(f"{self.path}: {self._n} tokens written, {self.n_tokens} announced")
+        storage = "float16" if self._acts_bf16 is None else "bfloat16"
+        if self.stats_from is None:
+            mean_D = self._sum_D / max(self._n, 1)
+            centred_sq = self._sumsq / max(self._n, 1) - float(mean_D @ mean_D)
+            scale = float(np.sqrt(self.d_model / max(centred_sq, 1e-12)))
+            mean_D = mean_D.astype(np.float32)
+        else:
+            mean_D, scale = self.stats_from.mean_D.astype(np.float32), self.stats_from.scale
+        np.save(self._tmp / "mean.npy", mean_D)
+        for arr in (self._acts, *self._idx.values()):
+            arr.flush()
+        if storage == "bfloat16":
+            self._acts_bf16.flush()
+            del self._acts, self._acts_bf16
+            (self._tmp / "acts_bf16.npy").replace(self._tmp / "acts.npy")
+        meta = {**self.meta, "format_version": FORMAT_VERSION, "count": self._n, "d_model": self.d_model,
+                "storage_dtype": storage, "scale": scale, "abs_max": self._absmax}
+        # meta.json last: a store without it is never opened.
+        (self._tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._ctx.__exit__(type(e), e, e.__traceback__)
+                raise
+        self._idx = {}
+        self._acts = self._acts_bf16 = None
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+class ActivationStore:
+    """A complete store opened read-only; arrays are memory-mapped, nothing is loaded up front."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], mean_D: np.ndarray):
+        self.path, self.meta = path, meta
+        self.acts_ND, self.tokens_N, self.pos_N, self.seq_N = (arrays[n] for n in _ARRAYS)
+        self.mean_D = mean_D
+        self.scale = float(meta["scale"])
+        self.d_model = int(meta["d_model"])
+        self._mean_t = torch.from_numpy(np.ascontiguousarray(mean_D, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.meta["storage_dtype"] == "bfloat16" else torch.float16
+
+    @classmethod
+    def open(cls, path: Path | str, expect_hash: str | None = None) -> "ActivationStore":
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.exists():
+            raise StoreError(f"{path}: no complete activation store here (meta.json missing). "
+                             "Fix: run notebooks/01_capture_activations.ipynb for this config")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: store format {meta.get('format_version')} is not {FORMAT_VERSION}. "
+                             "Fix: delete the folder and capture again")
+        if expect_hash is not None and meta.get("hash") != expect_hash:
+            raise StoreError(f"{path}: stale store, captured with content hash {meta.get('hash')} but the config "
+                             f"now hashes to {expect_hash}. Fix: run 01_capture_activations again for this config")
+        N, D = int(meta["count"]), int(meta["d_model"])
+        arrays = {}
+        for name in _ARRAYS:
+            try:
+                arr = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise StoreError(f"{path / (name + '.npy')}: unreadable or truncated ({e}). "
+                                 "Fix: delete the folder and capture again") from None
+            want = (N, D) if name == "acts" else (N,)
+            if arr.shape != want:
+                raise StoreError(f"{path / (name + '.npy')}: shape {arr.shape}, meta.json says {want}. "
+                                 "Fix: delete the folder and capture again")
+            arrays[name] = arr
+        mean_D = np.load(path / "mean.npy", allow_pickle=False)
+        return cls(path, meta, arrays, mean_D)
+
+    def raw(self, idx) -> torch.Tensor:
+        """Raw activations of rows `idx` as float32 [len(idx), D]."""
+        bits = torch.from_numpy(np.ascontiguousarray(self.acts_ND[idx]).view(np.int16))
+        return bits.view(self.storage_dtype).float()
+
+    def normalise(self, raw_BD: torch.Tensor) -> torch.Tensor:
+        """(x - μ) · scale: the SAE's input scale (SPEC §9)."""
+        return (raw_BD - self._mean_t) * self.scale
+
+    def normalised(self, idx) -> torch.Tensor:
+        """Normalised activations of rows `idx`, float32 [len(idx), D]."""
+        return self.normalise(self.raw(idx))
+
+
+def is_complete(path: Path | str, expect_hash: str | None = None) -> bool:
+    try:
+        ActivationStore.open(path, expect_hash)
+    except StoreError:
+        return False
+    return True
+
+
+def write_store(path: Path | str, acts_ND, tokens_N, pos_N, seq_N, meta: dict[str, Any],
+                stats_from: ActivationStore | None = None, chunk: int = 65536) -> ActivationStore:
+    """Write a whole store from in-memory arrays (tests, synthetic data)."""
+    acts_ND = torch.as_tensor(np.asarray(acts_ND, dtype=np.float32))
+    N, D = acts_ND.shape
+    with StoreWriter(path, N, D, meta, stats_from=stats_from) as w:
+        for s in range(0, N, chunk):
+            w.append(acts_ND[s:s + chunk], tokens_N[s:s + chunk], pos_N[s:s + chunk], seq_N[s:s + chunk])
+    return ActivationStore.open(path)
+
+
+def open_layer_stores(cfg, split: str) -> dict[int, ActivationStore]:
+    """The stores of every configured layer for `split` ('train' or 'val'), checked complete."""
+    from posae.paths import activations_dir
+
+    return {layer: ActivationStore.open(activations_dir(cfg.name, layer, split)) for layer in cfg.capture.layers}
+
+
+def summary(stores: dict) -> "pd.DataFrame":
+    """One row per store: layer, split, tokens, sequences, dtypes, normalisation scale, size on disk."""
+    import pandas as pd
+
+    rows = []
+    for store in stores.values():
+        store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
+        m = store.meta
+        rows.append({"layer": m.get("layer"), "split": m.get("split"), "tokens": len(store),
+                     "sequences": len(np.unique(store.seq_N)), "d_model": store.d_model,
+                     "forward dtype": m.get("forward_dtype", m.get("dtype")), "stored as": m["storage_dtype"],
+                     "scale": round(store.scale, 5), "MB": round(store.acts_ND.nbytes / 2**20, 1)})
+    return pd.DataFrame(rows).sort_values(["layer", "split"], ascending=[True, False]).reset_index(drop=True)

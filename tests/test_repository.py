@@ -1,0 +1,68 @@
+"""The repository's own promises: notebooks stay thin, dependencies agree, nothing unsafe is loaded."""
+
+import ast
+import json
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from posae.paths import NOTEBOOKS_DIR, REPO_ROOT
+
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_there_are_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS][:2] == ["01", "02"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_thin_parameterised_and_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0].get("metadata", {}).get("tags", []), "first code cell must be tagged parameters"
+    assert "config" in "".join(code[0]["source"])
+    for cell in code:
+        assert not cell.get("outputs") and not cell.get("execution_count"), "strip outputs before committing"
+        tree = ast.parse("".join(cell["source"]))
+        defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+        assert not defs, f"{path.name}: logic belongs in src/posae/, not in a notebook cell"
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert {_name(r) for r in pip_list} == wanted
+
+
+def test_torch_is_pinned_exactly_everywhere():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert "torch==2.13.0" in project["dependencies"]
+    assert "torch==2.13.0" in (REPO_ROOT / "Makefile").read_text()
+    assert re.search(r"^torch==2\.13\.0", (REPO_ROOT / "constraints.txt").read_text(), re.M)
+
+
+def test_every_dependency_is_locked():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    locked = {_name(line) for line in (REPO_ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    missing = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]} - locked
+    assert not missing, f"not in constraints.txt: {missing}; run `make lock`"
+
+
+FORBIDDEN = [r"\bpickle\.load", r"torch\.load\((?![^)]*weights_only=True)", r"yaml\.load\(", r"allow_pickle=True",
+             r"trust_remote_code=True"]
+
+
+def test_no_unsafe_loading_in_the_package():
+    for path in (REPO_ROOT / "src" / "posae").rglob("*.py"):
+        text = path.read_text()
+        for pattern in FORBIDDEN:
+            assert not re.search(pattern, text), f"{path}: {pattern}"
