@@ -43,3 +43,16 @@ def pca_by_position(points: dict[int, tuple[pd.DataFrame, object]]) -> plt.Figur
         ax.set(xlabel=f"PC1 ({ratio[0]:.0%} var.)", ylabel=f"PC2 ({ratio[1]:.0%} var.)", title=f"layer {layer}")
     fig.colorbar(sc, ax=axes[0].tolist(), label="position (tokens)")
     return fig
+
+
+def training_curves(df: pd.DataFrame, metric: str = "losses/total") -> sns.FacetGrid:
+    """Loss against step: one line per variant, mean and band over seeds, one panel per layer.
+
+    `df` is tidy (variant, layer, seed, step, metric, value), as `posae.checkpoint.metrics_frame` gives.
+    """
+    data = df[df["metric"] == metric]
+    grid = sns.relplot(data=data, x="step", y="value", hue="variant", col="layer", kind="line",
+                       errorbar=("pi", 100), height=2.8, aspect=PAGE_WIDTH_IN / 3 / 2.8, facet_kws={"sharey": False})
+    grid.set_axis_labels("optimizer step", f"{metric.split('/')[-1]} loss (normalised scale)")
+    grid.set_titles("layer {col_name}")
+    return grid

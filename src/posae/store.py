@@ -183,7 +183,7 @@ class ActivationStore:
 
     def raw(self, idx) -> torch.Tensor:
         """Raw activations of rows `idx` as float32 [len(idx), D]."""
-        bits = torch.from_numpy(np.ascontiguousarray(self.acts_ND[idx]).view(np.int16))
+        bits = torch.from_numpy(np.array(self.acts_ND[idx]).view(np.int16))  # a copy: memmaps are read-only
         return bits.view(self.storage_dtype).float()
 
     def normalise(self, raw_BD: torch.Tensor) -> torch.Tensor:
@@ -232,5 +232,6 @@ def summary(stores: dict) -> "pd.DataFrame":
         rows.append({"layer": m.get("layer"), "split": m.get("split"), "tokens": len(store),
                      "sequences": len(np.unique(store.seq_N)), "d_model": store.d_model,
                      "forward dtype": m.get("forward_dtype", m.get("dtype")), "stored as": m["storage_dtype"],
-                     "scale": round(store.scale, 5), "MB": round(store.acts_ND.nbytes / 2**20, 1)})
+                     "scale": round(store.scale, 5), "MB": round(store.acts_ND.nbytes / 2**20, 1),
+                     "BOS norm": m.get("bos_norm"), "token norm": m.get("token_norm")})
     return pd.DataFrame(rows).sort_values(["layer", "split"], ascending=[True, False]).reset_index(drop=True)

@@ -1,0 +1,42 @@
+"""Shared fixtures. Every test writes its runs under a temporary POSAE_RUNS, never into the repo's runs/.
+
+The smoke reproduction (every notebook through papermill on params/smoke.yaml) is expensive (a
+kernel costs ~3 s), so it runs once per session and the tests read its products.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before any posae import resolves a path, and inherited by papermill's kernels.
+os.environ["POSAE_RUNS"] = tempfile.mkdtemp(prefix="posae-test-runs-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def runs_root() -> Path:
+    return Path(os.environ["POSAE_RUNS"])
+
+
+@pytest.fixture(scope="session")
+def smoke_reproduction(runs_root):
+    """The whole smoke pipeline, once: returns the driver's rows (stage, status, seconds)."""
+    from posae.reproduce import reproduce
+
+    rows = reproduce("smoke", log=lambda line: None)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def smoke_capture(runs_root):
+    """Just the smoke activation stores (cheap: no papermill); returns {(layer, split): path}."""
+    from posae.capture import capture
+    from posae.config import load_config
+
+    return capture(load_config("smoke"), progress=False)
