@@ -1,9 +1,20 @@
-"""Probe primitives: buckets, the split by sequence, stratified subsampling, the unlearning score."""
+"""Probes: buckets, the split by sequence, stratified subsampling, the unlearning score, and probe_all end to
+end on hand-built SAEs over planted and position-free activations."""
+
+import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
-from posae.probes import fit_probe, position_bucket, split_by_sequence, stratified_subsample, unlearning_score
+from posae import checkpoint, metrics
+from posae.config import load_config, to_dict
+from posae.paths import activations_dir, run_dir, sae_dir
+from posae.probes import (COLUMNS, fit_probe, position_bucket, positional_feature_counts, probe_all, probe_sample,
+                          split_by_sequence, stratified_subsample, unlearning_score)
+from posae.saes import build
+from posae.store import write_store
 
 
 def test_bucket_is_floor_of_t_times_buckets_over_L():
@@ -42,3 +53,89 @@ def test_probe_reads_a_planted_position_signal_and_not_noise():
     tr, te = np.arange(0, 1500), np.arange(1500, len(pos))
     assert fit_probe(signal[tr], y[tr], signal[te], y[te]) > 0.9
     assert fit_probe(noise[tr], y[tr], noise[te], y[te]) < 0.25
+
+
+# --------------------------------------------------------------------------- probing SAE runs end to end
+
+T, D = 32, 16  # context length; width (global dims 0..7, position dims 8..15)
+
+
+def make_cfg(name: str):
+    base = load_config("smoke", check_model=False)
+    return dataclasses.replace(
+        base, name=name, capture=dataclasses.replace(base.capture, layers=(0,)),
+        corpus=dataclasses.replace(base.corpus, seq_len=T), train=dataclasses.replace(base.train, seeds=(0,)),
+        sae=dataclasses.replace(base.sae, buckets=8), probe=dataclasses.replace(base.probe, tokens=2400, eval_sequences=None))
+
+
+def make_store(cfg, planted: bool, n_seq: int = 120, seed: int = 0):
+    """Noise activations; `planted`: dims 8..15 hold the one-hot position bucket (x3), a position code."""
+    rng = np.random.default_rng(seed)
+    pos = np.tile(np.arange(1, T), n_seq)
+    x = rng.normal(size=(len(pos), D)).astype(np.float32)
+    if planted:
+        x[:, 8:] = 3 * np.eye(8)[position_bucket(pos, T, 8)] + 0.05 * rng.normal(size=(len(pos), 8))
+    return write_store(activations_dir(cfg.name, 0, "val"), x, np.zeros(len(pos)), pos,
+                       np.repeat(np.arange(n_seq), T - 1), {"seq_len": T, "hash": cfg.name})
+
+
+def save_identity_run(cfg, store, variant: str = "soft_masking"):
+    """f = ReLU(x) feature by feature (soft mask σ(20) ≈ 1): global features see dims 0..7, position features 8..15."""
+    sae = build(variant, D, cfg.sae, T)
+    with torch.no_grad():
+        sae.W_enc_DK.copy_(torch.eye(D))
+        sae.W_dec_KD.copy_(torch.eye(D))
+        sae.b_enc_K.zero_()
+        sae.b_dec_D.zero_()
+        for name, p in sae.named_parameters():
+            if name == "mask_logits_TP":
+                p.fill_(20.0)
+    info = {"variant": variant, "layer": 0, "seed": 0, "d_model": D, "k": sae.k, "seq_len": T,
+            "config": to_dict(cfg), "normalisation": {"scale": store.scale}, "done": True}
+    checkpoint.save_run(sae_dir(cfg.name, variant, 0, 0), sae, info, [], torch.from_numpy(np.asarray(store.mean_D)))
+
+
+def test_probe_sample_keeps_sequences_on_one_side_and_matches_the_raw_probe_draw(runs_root):
+    cfg = make_cfg("probe-sample")
+    store = make_store(cfg, planted=False)
+    sample = probe_sample(store, cfg.probe, 8)
+    assert not set(store.seq_N[sample.train_rows]) & set(store.seq_N[sample.test_rows])
+    assert len(sample.train_rows) + len(sample.test_rows) <= cfg.probe.tokens
+    assert (sample.y_train == position_bucket(store.pos_N[sample.train_rows], T, 8)).all()
+
+
+def test_planted_position_features_give_a_high_unlearning_score_and_share_near_one(runs_root):
+    cfg = make_cfg("probe-planted")
+    save_identity_run(cfg, make_store(cfg, planted=True))
+    row = probe_all(cfg, progress=False).iloc[0]
+    assert row["grouping"] == "learned"
+    assert row["acc_position"] > 0.95 and row["acc_global"] < 0.25
+    assert row["U"] > 0.5
+    features = metrics.evaluate_all(cfg, progress=False).features
+    planted = features[features["group"] == "position"]["position_share"]
+    assert planted.min() > 0.9
+    assert features[features["group"] == "global"]["position_share"].max() < 0.1
+    counts = positional_feature_counts(features).set_index("group")
+    assert counts.loc["position", "positional"] == 8 and counts.loc["global", "positional"] == 0
+
+
+def test_no_position_signal_gives_an_unlearning_score_near_zero(runs_root):
+    cfg = make_cfg("probe-noise")
+    save_identity_run(cfg, make_store(cfg, planted=False))
+    row = probe_all(cfg, progress=False).iloc[0]
+    assert row["U"] < 0.1
+    assert abs(row["acc_position"] - 0.125) < 0.08 and abs(row["acc_global"] - 0.125) < 0.08
+
+
+def test_probes_csv_has_the_columns_marks_arbitrary_halves_and_keeps_other_variants(runs_root):
+    cfg = make_cfg("probe-csv")
+    store = make_store(cfg, planted=True)
+    save_identity_run(cfg, store, "soft_masking")
+    save_identity_run(cfg, store, "baseline")
+    df = probe_all(cfg, progress=False)
+    on_disk = pd.read_csv(run_dir(cfg.name) / "probes.csv")
+    assert list(on_disk.columns) == COLUMNS and len(on_disk) == 2
+    assert dict(zip(df["variant"], df["grouping"])) == {"baseline": "arbitrary", "soft_masking": "learned"}
+    assert (df["chance"] == 0.125).all() and df["acc_raw"].nunique() == 1  # raw probe: once per layer
+    assert probe_all(cfg, variants="baseline", progress=False)["variant"].tolist() == ["baseline"]
+    assert sorted(pd.read_csv(run_dir(cfg.name) / "probes.csv")["variant"]) == ["baseline", "soft_masking"]

@@ -99,7 +99,8 @@ class SAEConfig:
     head_dim: int = _f(32, "attention-routing head width (paper: 64)", min=1)
     options: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "the variant's own options, checked against its Options dataclass"},
+        metadata={"help": "variants' own options: in a run config {variant: {option: value}}, in "
+                          "params/variants/<v>.yaml that variant's {option: value}; checked against its Options"},
     )
 
 
@@ -109,25 +110,35 @@ class TrainConfig:
     steps: int = _f(150, "optimizer steps", min=1)
     batch_size: int = _f(4096, "tokens per micro-batch (the paper's 256 is tokens)", min=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
-    lr: float = _f(1e-3, "AdamW learning rate", min=0.0)
+    lr: float = _f(1e-3, "AdamW peak learning rate", min=0.0)
+    lr_warmup: float = _f(0.0, "fraction of the steps over which the learning rate rises linearly from 0", min=0.0, max=1.0)
+    lr_decay: float = _f(0.0, "fraction of the steps at the end over which it falls linearly to 0", min=0.0, max=1.0)
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
     l1: float = _f(0.1, "sparsity penalty lambda1", min=0.0)
     l1_scale: float = _f(1.0, "multiplier of l1 for this variant (soft masking: 0.4 and 2)", min=0.0)
+    l1_warmup: float = _f(0.0, "fraction of the steps over which lambda1 rises linearly from 0", min=0.0, max=1.0)
     position_weighted: bool = _f(False, "loss weights w_t = 1 + t/L, normalised to mean 1 (eq. 7)")
     recon_loss: str = _f("l2", "l2 = unsquared norm as eq. 7; squared = squared error", choices=("l2", "squared"))
     dtype: str = _f("auto", "autocast dtype: auto = bfloat16 where native", choices=("auto", "bfloat16", "float32"))
-    resample_after: float = _f(0.5, "resample features inactive for this fraction of the steps (paper: 50k of 100k)", min=0.0, max=1.0)
+    resample: bool = _f(True, "re-initialise features that stay inactive (dead) for resample_after of the run")
+    resample_after: float = _f(0.5, "resample features inactive for more than this fraction of the steps (paper: 50k of 100k)", min=0.0, max=1.0)
+    dead_window: int = _f(10, "optimizer steps without firing after which metrics/dead_fraction counts a feature", min=1)
     checkpoint_every: int = _f(50, "optimizer steps between checkpoints", min=1)
     log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", min=1)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    tokens: int = _f(8000, "tokens subsampled (stratified by position) per probe", min=16)
+    """Evaluation on the validation split (notebook 04): position probes and reconstruction metrics."""
+
+    tokens: int = _f(8000, "tokens subsampled (stratified by position) per probe, train and test together", min=16)
     test_fraction: float = _f(0.2, "held-out share of validation sequences", min=0.0, max=1.0)
     max_iter: int = _f(200, "logistic-regression iterations", min=1)
     seed: int = _f(0, "subsampling and split seed", min=0)
+    eval_sequences: int | None = _f(
+        128, "whole validation sequences drawn for the reconstruction metrics, dead fraction and per-feature "
+             "statistics (None: all); 128 x 127 tokens cost ~0.9 s of CPU per SAE at d = k = 640", min=1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""Capture benchmark: matmul peaks, forward throughput against the naive way, load times, peak RSS.
+
+    .venv/bin/python benchmarks/capture.py [--quick]
+
+Everything runs offline on the default config's model (Gemma 3 270M) and layers (3, 8, 13), in one
+run so that the ratios compare like with like. Prints a Markdown report for benchmarks/README.md.
+Targets (issue 3): capture >= 2,500 tokens/s and >= 8x the naive way, warm load <= 5 s, peak RSS
+<= 2.5 GiB and not growing with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from posae import capture as cap
+from posae import corpus, models
+from posae.config import load_config
+
+GiB = 2**30
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of square matmuls at a few sizes (the model's own matmuls are ~2048 x 640 x 2048)."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: oneDNN picks its kernel on the first call
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def forward_rate(model, seqs_SL, batch_size: int, n_batches: int, layers, naive: bool) -> float:
+    """Tokens/s of the forward alone: early exit with hooks, or the full model with output_hidden_states."""
+    batches = [torch.from_numpy(seqs_SL[i * batch_size:(i + 1) * batch_size]).long() for i in range(n_batches + 1)]
+    with torch.inference_mode(), cap.layer_outputs(model, layers, stop=not naive):
+        def step(ids_BL):
+            if naive:
+                hs = model(input_ids=ids_BL, output_hidden_states=True, use_cache=False).hidden_states
+                [hs[layer + 1] for layer in layers]
+            else:
+                cap.run_to(model, ids_BL)
+
+        step(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for ids_BL in batches[1:]:
+            step(ids_BL)
+        dt = time.perf_counter() - t0
+    return sum(b.numel() for b in batches[1:]) / dt
+
+
+_CAPTURE_CHILD = """
+import dataclasses, json, resource, sys, threading, time
+import psutil
+from posae import models
+from posae.capture import capture
+from posae.config import load_config
+
+base = load_config("default")
+n = int(sys.argv[1])
+cfg = dataclasses.replace(base, name=f"bench-{n}", corpus=dataclasses.replace(base.corpus, n_train=n, n_val=n))
+marks, loop_rss = {}, [0]
+load = models.load_model
+def sample_rss():  # the loop's own peak: ru_maxrss alone would be the model load's
+    proc = psutil.Process()
+    while "done" not in marks:
+        loop_rss[0] = max(loop_rss[0], proc.memory_info().rss)
+        time.sleep(0.05)
+def timed_load(*a, **k):
+    out = load(*a, **k)
+    marks["loaded"] = time.perf_counter()
+    threading.Thread(target=sample_rss, daemon=True).start()
+    return out
+models.load_model = timed_load
+t0 = time.perf_counter()
+capture(cfg, progress=False)
+t1 = time.perf_counter()
+marks["done"] = True
+tokens = 2 * n * base.corpus.seq_len
+print(json.dumps({"tokens": tokens, "total_s": t1 - t0, "loop_tok_s": tokens / (t1 - marks["loaded"]),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "loop_rss": loop_rss[0]}))
+"""
+
+
+def capture_run(n_per_split: int, runs: Path) -> dict:
+    """A whole capture of n train + n val sequences in a fresh process: its tokens/s and peak RSS."""
+    env = {**os.environ, "POSAE_RUNS": str(runs)}
+    out = subprocess.run([sys.executable, "-c", _CAPTURE_CHILD, str(n_per_split)], env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batches and smaller corpora (a check, not a figure)")
+    args = parser.parse_args()
+    scale = 1 if args.quick else 2
+    cfg = load_config("default")
+    layers = list(cfg.capture.layers)
+    load_before = os.getloadavg()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU native bf16: "
+          f"{models.cpu_has_native_bf16()}, load average at start {load_before[0]:.2f}", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="posae-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        models.build_gemma3_cache(tmp / "cold-cache")  # assemble GGUF, dequantise, save safetensors + tokenizer
+        cold = time.perf_counter() - t0
+
+        models.gemma3_cache()  # the real cache exists before the warm timing
+        t0 = time.perf_counter()
+        tok = models.load_tokenizer(cfg.model)
+        t_tok = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fp32 = models.load_model(dataclasses.replace(cfg.model, dtype="float32"), tokenizer=tok)
+        t_model = time.perf_counter() - t0
+
+        peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+        seqs = corpus.load_sequences(dataclasses.replace(cfg.corpus, n_train=16 * 9 * scale, n_val=1), tok).train_SL
+        bs = cfg.capture.batch_size
+        rates = {"naive": forward_rate(fp32.model, seqs, bs, 2 * scale, layers, naive=True),
+                 "fp32_early": forward_rate(fp32.model, seqs, bs, 3 * scale, layers, naive=False)}
+        del fp32
+        bf16 = models.load_model(dataclasses.replace(cfg.model, dtype="bfloat16"), tokenizer=tok)
+        rates["bf16_early"] = forward_rate(bf16.model, seqs, bs, 8 * scale, layers, naive=False)
+        n_early = cap.params_run(bf16.model, max(layers))
+        n_full = cap.params_run(bf16.model, bf16.info.num_layers - 1) + bf16.model.lm_head.weight.numel()
+        del bf16
+
+        small, large = (50, 200) if args.quick else (100, 1000)
+        runs = [capture_run(n, tmp / "runs") for n in (small, large)]
+    load_after = os.getloadavg()
+
+    def mfu(rate: float, params: int, dtype: str) -> float:
+        return 2 * params * rate / (peaks[dtype] * 1e9)
+
+    naive, e32, e16 = rates["naive"], rates["fp32_early"], rates["bf16_early"]
+    print("| measure | value |\n|---|---|")
+    print(f"| matmul peak fp32 | {peaks['float32']:,.0f} GFLOP/s |")
+    print(f"| matmul peak bf16 | {peaks['bfloat16']:,.0f} GFLOP/s |")
+    print(f"| naive (full model, output_hidden_states, fp32) | {naive:,.0f} tok/s, {mfu(naive, n_full, 'float32'):.0%} of the fp32 limit |")
+    print(f"| fp32, early exit after layer {max(layers)} | {e32:,.0f} tok/s, {mfu(e32, n_early, 'float32'):.0%} of the fp32 limit |")
+    print(f"| bf16, early exit (default) | {e16:,.0f} tok/s, {mfu(e16, n_early, 'bfloat16'):.0%} of the bf16 limit, "
+          f"{e16 / naive:.1f}x naive |")
+    for n, r in zip((small, large), runs):
+        print(f"| capture() end to end, {n} + {n} sequences ({r['tokens']:,} tokens) | {r['loop_tok_s']:,.0f} tok/s in "
+              f"the loop (stores included), {r['total_s']:.1f} s in all; peak RSS {r['peak_rss'] / GiB:.2f} GiB "
+              f"(during the loop {r['loop_rss'] / GiB:.2f} GiB) |")
+    print(f"| cold load: GGUF -> safetensors cache | {cold:.1f} s |")
+    print(f"| warm load from the cache | {t_model + t_tok:.1f} s (model {t_model:.1f} s + tokenizer {t_tok:.1f} s) |")
+    print(f"| parameters run | early exit {n_early / 1e6:.1f} M, full model {n_full / 1e6:.1f} M (embedding lookup not counted) |")
+    print(f"| load average (2 cores) | {load_before[0]:.2f} at start, {load_after[0]:.2f} at end |")
+    rss_growth = runs[1]["loop_rss"] / runs[0]["loop_rss"]
+    checks = {
+        "bf16 capture >= 2,500 tok/s": e16 >= 2500,
+        "bf16 capture >= 8x naive": e16 >= 8 * naive,
+        "warm load <= 5 s": t_model + t_tok <= 5,
+        "peak RSS <= 2.5 GiB": max(r["peak_rss"] for r in runs) <= 2.5 * GiB,
+        f"RSS during the loop flat with {large // small}x the tokens (grew {rss_growth:.2f}x)": rss_growth < 1.1,
+    }
+    print()
+    for what, ok in checks.items():
+        print(f"- {'PASS' if ok else 'FAIL'}: {what}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Training-step throughput: every posae variant, a hand-written ReLU SAE, SAELens, and the matmul peaks.
+
+All on the same in-memory activations (the default config's layer-8 training store when it has
+been captured, else Gaussian data of the same shape), d = 640, batch 4096 tokens, k = 640 and
+2560, in one process so that the figures share the machine's state. Timings interleave the
+contenders round by round and keep each one's best round, which is robust to other processes
+borrowing a core for a moment. Prints Markdown tables for benchmarks/README.md.
+
+    .venv/bin/pip install -c constraints.txt -e '.[bench]'    # SAELens, after the pinned torch
+    .venv/bin/python benchmarks/train_step.py                  # ~3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from posae import train
+from posae.config import Config, SAEConfig, TrainConfig, load_config
+from posae.paths import activations_dir
+from posae.saes import REGISTRY, variant_config
+from posae.store import ActivationStore, StoreError
+
+D, B, T = 640, 4096, 128
+
+
+class MemoryStore:
+    """The slice of the ActivationStore interface a training step reads, held in memory."""
+
+    def __init__(self, x_ND: torch.Tensor, pos_N: np.ndarray, seq_len: int):
+        self.x_ND, self.pos_N = x_ND, pos_N
+        self.meta, self.d_model, self.scale = {"seq_len": seq_len, "hash": "memory"}, x_ND.shape[1], 1.0
+        self.mean_D, self.path = np.zeros(x_ND.shape[1], np.float32), "<memory>"
+
+    def __len__(self) -> int:
+        return len(self.x_ND)
+
+    def normalised(self, idx) -> torch.Tensor:
+        return self.x_ND[torch.from_numpy(np.asarray(idx))]
+
+
+def activations(n_tokens: int) -> tuple[MemoryStore, str]:
+    try:
+        cfg = load_config("default", check_model=False)
+        store = ActivationStore.open(activations_dir(cfg.name, 8, "train"))
+        idx = np.arange(min(n_tokens, len(store)))
+        x_ND = store.normalised(idx)
+        return MemoryStore(x_ND, np.asarray(store.pos_N[idx]), int(store.meta.get("seq_len", T))), \
+            f"default layer 8 training activations ({len(idx):,} tokens)"
+    except StoreError:
+        g = torch.Generator().manual_seed(0)
+        pos_N = np.tile(np.arange(1, T), n_tokens // (T - 1) + 1)[:n_tokens].astype(np.int32)
+        return MemoryStore(torch.randn(n_tokens, D, generator=g), pos_N, T), \
+            f"Gaussian activations ({n_tokens:,} tokens; run notebook 01 for real ones)"
+
+
+def best_seconds(contenders: dict[str, Callable[[int], None]], rounds: int, reps: int) -> dict[str, float]:
+    """Seconds per step of each contender (`fn(n)` runs n steps): best round of `reps` steps, rounds interleaved."""
+    for fn in contenders.values():
+        fn(1)  # warm-up: allocations, oneDNN kernel selection
+    best = {name: float("inf") for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn(reps)
+            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
+    return best
+
+
+def repeat(step: Callable[[], None]) -> Callable[[int], None]:
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    return run
+
+
+def matmul_peaks(k: int) -> dict[str, float]:
+    """GFLOP/s of the SAE step's own matmul shapes ([B,D]x[D,K], [B,K]x[K,D], [D,B]x[B,K]), best of them."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        shapes = [(B, D, k), (B, k, D), (D, B, k)]
+        mats = [(torch.randn(m, n, dtype=dtype), torch.randn(n, p, dtype=dtype)) for m, n, p in shapes]
+        fns = {str(s): repeat(lambda a=a, b=b: a @ b) for s, (a, b) in zip(shapes, mats)}
+        secs = best_seconds(fns, rounds=3, reps=5)
+        out[str(dtype).replace("torch.", "")] = max(2 * m * n * p / secs[str((m, n, p))] / 1e9 for m, n, p in shapes)
+    return out
+
+
+def plain_step(store: MemoryStore, k: int, bf16: bool) -> Callable[[int], None]:
+    """A minimal hand-written ReLU SAE step (the reference's 'plain loop')."""
+    g = torch.Generator().manual_seed(0)
+    W_enc = torch.nn.Parameter(torch.randn(D, k, generator=g) / D**0.5)
+    W_dec = torch.nn.Parameter(torch.randn(k, D, generator=g) / k**0.5)
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(k)), torch.nn.Parameter(torch.zeros(D))
+    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4)
+    x = store.normalised(np.arange(B))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            f = torch.relu((x - b_dec) @ W_enc + b_enc)
+            x_hat = f @ W_dec + b_dec
+        loss = (x_hat.float() - x).pow(2).sum(-1).mean() + 0.1 * f.float().sum(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return repeat(step)
+
+
+def saelens_fit(store: MemoryStore, k: int, autocast: bool) -> Callable[[int], None]:
+    """SAELens's StandardTrainingSAE through its own SAETrainer.fit (one fit of n steps per call)."""
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    x = store.normalised(np.arange(B))
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D, d_sae=k, l1_coefficient=0.1))
+
+    def fit(steps: int) -> None:
+        trainer_cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B,
+                                       autocast=autocast, device="cpu")
+        with open("/dev/null", "w") as null, contextlib.redirect_stderr(null):  # its tqdm bar
+            SAETrainer(trainer_cfg, sae, data_provider=iter(lambda: x, None)).fit()
+
+    return fit
+
+
+def posae_step(store: MemoryStore, variant: str, k: int, dtype: torch.dtype | None) -> Callable[[int], None]:
+    cfg = Config(sae=SAEConfig(expansion=k / D), train=TrainConfig(batch_size=B, steps=10**6))
+    cfg = variant_config(cfg, variant)
+    state = train.start(cfg, variant, 0, store)
+    return repeat(lambda: train.train_step(state, store, cfg, 0, dtype, want_metrics=False))
+
+
+def final_mse(store: MemoryStore, dtype: torch.dtype | None, steps: int) -> float:
+    """Validation MSE of the baseline after `steps` steps (same seed and data order), on held-out tokens."""
+    n_train = len(store) - B
+    train_store = MemoryStore(store.x_ND[:n_train], store.pos_N[:n_train], store.meta["seq_len"])
+    cfg = variant_config(Config(train=TrainConfig(batch_size=B, steps=steps)), "baseline")
+    state = train.start(cfg, "baseline", 0, train_store)
+    for _ in range(steps):
+        train.train_step(state, train_store, cfg, 0, dtype, want_metrics=False)
+    x_BD = store.x_ND[n_train:]
+    pos_B = torch.from_numpy(store.pos_N[n_train:].astype(np.int64))
+    with torch.no_grad():
+        return float((state.sae(x_BD, pos_B).x_hat - x_BD).square().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="steps per round")
+    ap.add_argument("--recon-steps", type=int, default=100)
+    args = ap.parse_args()
+    store, source = activations(B * 16)
+    bf16 = train.autocast_dtype(TrainConfig())
+    print(f"# Training step, d={D}, batch {B} tokens; {source}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"native bf16: {train.native_bf16()}\n")
+
+    rows = []
+    for k in (640, 2560):
+        peaks = matmul_peaks(k)
+        contenders = {
+            "plain ReLU SAE, fp32": plain_step(store, k, False),
+            "plain ReLU SAE, bf16 autocast": plain_step(store, k, True),
+            "SAELens StandardTrainingSAE, default (fp32)": saelens_fit(store, k, False),
+            "SAELens StandardTrainingSAE, autocast bf16": saelens_fit(store, k, True),
+            "posae baseline, fp32": posae_step(store, "baseline", k, None),
+        }
+        contenders.update({f"posae {v}": posae_step(store, v, k, bf16) for v in sorted(REGISTRY)})
+        secs = best_seconds(contenders, args.rounds, args.reps)
+        base = secs["posae baseline"]
+        flops = 10 * B * D * k  # 2 forward + 3 backward matmuls of 2·B·D·k (SAE.pre_acts avoids a 6th)
+        for name, s in secs.items():
+            rows.append({"k": k, "step": name, "ms": 1e3 * s, "ktok_s": B / s / 1e3, "vs_baseline": s / base})
+        print(f"## k = {k}\n")
+        print(f"matmul peaks on the step's shapes: fp32 {peaks['float32']:.0f} GFLOP/s, "
+              f"bf16 {peaks['bfloat16']:.0f} GFLOP/s\n")
+        print("| step | ms | k tokens/s | time vs posae baseline |\n|---|---:|---:|---:|")
+        for r in rows:
+            if r["k"] == k:
+                print(f"| {r['step']} | {r['ms']:.1f} | {r['ktok_s']:.1f} | {r['vs_baseline']:.2f}x |")
+        sl_default = secs["SAELens StandardTrainingSAE, default (fp32)"]
+        sl_best = min(sl_default, secs["SAELens StandardTrainingSAE, autocast bf16"])
+        print(f"\nposae baseline: {sl_default / base:.2f}x SAELens default, {sl_best / base:.2f}x its fastest setting; "
+              f"matmul FLOPs at {flops / base / 1e9:.0f} GFLOP/s = {flops / base / 1e9 / peaks['bfloat16']:.0%} "
+              f"of the bf16 peak; slowest variant {max(r['vs_baseline'] for r in rows if r['k'] == k and r['step'].startswith('posae') and 'fp32' not in r['step']):.2f}x the baseline\n")
+
+    fp32, low = final_mse(store, None, args.recon_steps), final_mse(store, bf16, args.recon_steps)
+    print(f"## Reconstruction after {args.recon_steps} steps (baseline, k = 640, seed 0, held-out tokens)\n")
+    print(f"fp32 MSE {fp32:.4f}, bf16 autocast MSE {low:.4f}: bf16 is {low / fp32 - 1:+.2%} against fp32")
+
+
+if __name__ == "__main__":
+    main()

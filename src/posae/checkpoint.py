@@ -1,0 +1,149 @@
+"""SAE run folders: how a trained (or half-trained) SAE is written, read back and listed.
+
+``runs/<config>/saes/<variant>/layer_<L>/seed_<s>/`` holds::
+
+    weights.safetensors      the SAE's parameters (fp32), plus normalisation.mean_D (the training mean μ)
+    config.json              everything needed to rebuild it: variant, full config, seed, layer, d_model,
+                             k, seq_len, normalisation scale, store hash, git commit, step, done
+    metrics.jsonl            one line per logged step (namespaced keys: losses/*, metrics/*, perf/*)
+    train_state.safetensors  optimizer moments and dead-feature counters; only while unfinished
+
+Every checkpoint rewrites the whole folder in one rename (`atomic_dir`), so a kill at any moment
+leaves either the previous checkpoint or the new one, never a mix. `load_sae` needs nothing but
+the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from posae.config import SAEConfig, _build
+from posae.paths import atomic_dir, clean_stale_temps, run_dir
+from posae.saes import SAE, build
+
+FORMAT_VERSION = 1
+WEIGHTS, INFO, METRICS, STATE = "weights.safetensors", "config.json", "metrics.jsonl", "train_state.safetensors"
+_NORM_PREFIX = "normalisation."
+
+
+def save_run(out: Path, sae: SAE, info: dict[str, Any], metrics: list[dict[str, Any]], mean_D: torch.Tensor,
+             train_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the run folder `out` atomically; `train_state` None marks a finished run (no resume state kept)."""
+    out = Path(out)
+    clean_stale_temps(out.parent)
+    weights = {k: v.detach().float().contiguous().clone() for k, v in sae.state_dict().items()}
+    weights[_NORM_PREFIX + "mean_D"] = mean_D.detach().float().contiguous()
+    with atomic_dir(out) as tmp:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"variant": info["variant"], "format": str(FORMAT_VERSION)})
+        if train_state is not None:
+            save_file({k: v.contiguous() for k, v in train_state.items()}, str(tmp / STATE))
+        (tmp / METRICS).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+        (tmp / INFO).write_text(json.dumps({**info, "format_version": FORMAT_VERSION}, indent=2, sort_keys=True) + "\n")
+
+
+def read_info(folder: Path | str) -> dict[str, Any] | None:
+    """The run's config.json, or None where there is no run."""
+    path = Path(folder) / INFO
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(folder: Path | str) -> list[dict[str, Any]]:
+    path = Path(folder) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def read_train_state(folder: Path | str) -> dict[str, torch.Tensor] | None:
+    path = Path(folder) / STATE
+    return load_file(str(path)) if path.exists() else None
+
+
+def load_sae(folder: Path | str, device: str | torch.device = "cpu") -> SAE:
+    """Rebuild the SAE saved in `folder` from that folder alone (in eval mode)."""
+    folder = Path(folder)
+    info = read_info(folder)
+    if info is None:
+        raise FileNotFoundError(f"{folder}: no {INFO}, so no trained SAE here. Fix: train it with "
+                                "posae.train.train_variant (notebook 03_train)")
+    sae_cfg = _build(SAEConfig, info["config"]["sae"], f"{folder / INFO}: config.sae")
+    sae = build(info["variant"], info["d_model"], sae_cfg, info["seq_len"], seed=info["seed"])
+    weights = load_file(str(folder / WEIGHTS), device=str(device))
+    sae.load_state_dict({k: v for k, v in weights.items() if not k.startswith(_NORM_PREFIX)})
+    return sae.to(device).eval()
+
+
+def load_normalisation(folder: Path | str) -> tuple[torch.Tensor, float]:
+    """(μ [D], scale) that map raw activations to the SAE's input scale: (x − μ) · scale."""
+    info = read_info(folder)
+    if info is None:
+        raise FileNotFoundError(f"{folder}: no {INFO}")
+    mean_D = load_file(str(Path(folder) / WEIGHTS))[_NORM_PREFIX + "mean_D"]
+    return mean_D, float(info["normalisation"]["scale"])
+
+
+# --------------------------------------------------------------------------- listing runs
+
+
+def run_folders(config_name: str, variants: list[str] | None = None, layers: list[int] | None = None,
+                seeds: list[int] | None = None, finished_only: bool = True) -> list[Path]:
+    """Run folders under runs/<config>/saes/, sorted, filtered by variant, layer and seed."""
+    found = []
+    for info_path in sorted((run_dir(config_name) / "saes").glob(f"*/layer_*/seed_*/{INFO}")):
+        info = json.loads(info_path.read_text())
+        if ((variants is None or info["variant"] in variants) and (layers is None or info["layer"] in layers)
+                and (seeds is None or info["seed"] in seeds) and (info["done"] or not finished_only)):
+            found.append(info_path.parent)
+    return found
+
+
+def metrics_frame(config_name: str, variants: list[str] | None = None, layers: list[int] | None = None,
+                  seeds: list[int] | None = None, finished_only: bool = True):
+    """Every logged training metric, tidy: one row per (variant, layer, seed, step, metric) with its value.
+
+    Columns: variant, layer, seed, step, tokens, metric (e.g. "losses/total", "metrics/l0"), value.
+    Ready for seaborn: ``sns.relplot(data=df[df.metric == "losses/total"], x="step", y="value",
+    hue="variant", col="layer", kind="line")`` draws the mean and band over seeds.
+    """
+    import pandas as pd
+
+    rows = []
+    for folder in run_folders(config_name, variants, layers, seeds, finished_only):
+        info = read_info(folder)
+        for line in read_metrics(folder):
+            for key, value in line.items():
+                if key not in ("step", "tokens"):
+                    rows.append({"variant": info["variant"], "layer": info["layer"], "seed": info["seed"],
+                                 "step": line["step"], "tokens": line.get("tokens"), "metric": key, "value": value})
+    return pd.DataFrame(rows, columns=["variant", "layer", "seed", "step", "tokens", "metric", "value"])
+
+
+def runs_frame(config_name: str, variants: list[str] | None = None, layers: list[int] | None = None,
+               seeds: list[int] | None = None):
+    """One row per finished run: its last logged metrics, gate (mask) mean at start and end, and timing.
+
+    Training-batch figures (the last logged step); validation metrics are the evaluation's (04_probe).
+    """
+    import pandas as pd
+
+    rows = []
+    for folder in run_folders(config_name, variants, layers, seeds):
+        info, lines = read_info(folder), read_metrics(folder)
+        if not lines:
+            continue
+        last = lines[-1]
+        row = {"variant": info["variant"], "layer": info["layer"], "seed": info["seed"], "steps": info["step"]}
+        row.update({k: last.get(f"metrics/{k}") for k in _TABLE_METRICS})
+        # Gate and mask means at initialisation and at the end (SPEC §9: "report the gate's start and end").
+        for key, start in info.get("diagnostics_start", {}).items():
+            row[f"{key}_start"], row[f"{key}_end"] = start, last.get(f"metrics/{key}")
+        row.update({f"loss_{k.split('/', 1)[1]}": v for k, v in last.items() if k.startswith("losses/")})
+        row.update({"seconds": info.get("train_seconds"), "tokens_per_s": info.get("tokens_per_s")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_TABLE_METRICS = ("mse", "explained_variance", "l0", "l1", "dead_fraction", "resampled_fraction")

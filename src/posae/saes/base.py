@@ -1,0 +1,139 @@
+"""The interface every SAE variant shares, and the plain ReLU SAE that all of them build on.
+
+Every variant maps normalised activations to non-negative features and back, always given the
+tokens' positions, so no caller branches on the architecture:
+
+    f_BK = sae.encode(x_BD, pos_B)          x_hat_BD = sae.decode(f_BK, pos_B)
+    out = sae(x_BD, pos_B)                  # ForwardOutput(x_hat, features, aux_losses)
+
+Shared choices (SPEC §9, "Centring"): the decoder bias is subtracted from the encoder's input, the
+encoder starts as the decoder's transpose, and decoder rows (the dictionary's columns in the
+paper's W_d) keep unit norm: `remove_parallel_grads_` before each optimizer step and
+`normalise_decoder_` after it, as SAELens and dictionary_learning do. Features are non-negative in
+every variant (ReLU, masks and gates in [0, 1]), so ‖f‖₁ is a plain sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from posae.config import SAEConfig
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor  # [B, D] reconstruction on the normalised scale
+    features: Tensor  # [B, K] non-negative feature activations
+    aux_losses: dict[str, Tensor]  # the variant's extra loss terms, already weighted; added to the objective
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This variant has no options of its own."""
+
+
+class SAE(nn.Module):
+    """A ReLU sparse autoencoder: f = ReLU(W_enc (x − b_dec) + b_enc), x̂ = W_dec f + b_dec.
+
+    Subclasses override `encode` (and `decode` where the reconstruction itself depends on the
+    position) and set `Options` to a frozen dataclass of their own settings.
+    """
+
+    name: ClassVar[str] = "?"  # set by @register
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, d_model: int, sae_cfg: SAEConfig, seq_len: int, options: Any, generator: torch.Generator):
+        """Build through `posae.saes.build`, which validates `options` and seeds `generator`."""
+        super().__init__()
+        self.d_model = d_model
+        self.k = max(1, round(sae_cfg.expansion * d_model))
+        self.seq_len = seq_len
+        self.cfg = sae_cfg
+        self.options = options
+        W_dec_KD = F.normalize(torch.randn(self.k, d_model, generator=generator), dim=-1)
+        self.W_dec_KD = nn.Parameter(W_dec_KD)
+        # Tied initialisation (SPEC §9): each feature starts by detecting its own decoder direction.
+        # Contiguous, not a transposed view: a checkpoint reloads it contiguous, and the matmul kernel
+        # (hence the rounding) depends on the layout, so a resumed run would drift from an uninterrupted one.
+        self.W_enc_DK = nn.Parameter(W_dec_KD.T.contiguous())
+        self.b_enc_K = nn.Parameter(torch.zeros(self.k))
+        self.b_dec_D = nn.Parameter(torch.zeros(d_model))
+
+    # ------------------------------------------------------------------ the interface
+
+    def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
+        return torch.relu(self.pre_acts(x_BD))
+
+    def decode(self, f_BK: Tensor, pos_B: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec_D, f_BK, self.W_dec_KD)
+
+    def forward(self, x_BD: Tensor, pos_B: Tensor) -> ForwardOutput:
+        f_BK = self.encode(x_BD, pos_B)
+        return ForwardOutput(self.decode(f_BK, pos_B), f_BK, {})
+
+    @property
+    def groups(self) -> dict[str, range] | None:
+        """Index ranges of the global and position-specific features; None for one undivided dictionary."""
+        return None
+
+    def probe_groups(self) -> dict[str, range]:
+        """`groups`, or for an undivided dictionary an arbitrary split into first and second half.
+
+        The half split exists so probes and ablations treat every variant alike; on such a
+        variant it measures no disentanglement (SPEC §7), and `groups is None` says so.
+        """
+        if self.groups is not None:
+            return self.groups
+        half = self.k // 2
+        return {"global": range(0, half), "position": range(half, self.k)}
+
+    def gates(self, pos_B: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The multiplier in [0, 1] on the position features at positions `pos_B`, [B, P]; None if ungated.
+
+        Masks (hard or soft) and the hierarchical gate g_t are all gates in this sense, so
+        ablations read the mean gate activation the same way for each.
+        """
+        return None
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars worth logging during training (gate or mask means); keys without a namespace."""
+        return {}
+
+    # ------------------------------------------------------------------ building blocks
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        """W_enc (x − b_dec) + b_enc, written as x W_enc + (b_enc − b_dec W_enc).
+
+        The rewrite is the same number, but autograd then never forms the [B, D] gradient of the
+        shifted input: b_dec's encoder-side gradient costs one [K]x[K, D] product instead of a
+        full [B, K]x[K, D] matmul (a sixth of a training step).
+        """
+        bias_K = self.b_enc_K - self.b_dec_D @ self.W_enc_DK
+        return torch.addmm(bias_K, x_BD, self.W_enc_DK)
+
+    def feature_params(self) -> list[tuple[str, int]]:
+        """(parameter name, feature axis) of every per-feature parameter, for resampling."""
+        return [("W_enc_DK", 1), ("b_enc_K", 0), ("W_dec_KD", 0)]
+
+    @torch.no_grad()
+    def normalise_decoder_(self) -> None:
+        self.W_dec_KD.div_(self.W_dec_KD.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Drop the part of each decoder row's gradient that would only change its norm."""
+        W, G = self.W_dec_KD, self.W_dec_KD.grad
+        if G is not None:
+            G.sub_((G * W).sum(-1, keepdim=True) * W)
+
+    def extra_repr(self) -> str:
+        return f"d={self.d_model}, k={self.k}, seq_len={self.seq_len}, options={self.options}"
+
+
+def options_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

@@ -1,0 +1,26 @@
+"""A dictionary split into a global half and a position-specific half (shared by the two-group variants)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from posae.saes.base import SAE
+
+
+class GroupedSAE(SAE):
+    """Features [0, k/2) are global, [k/2, k) position-specific (the paper's f_g and f_p, eq. 5)."""
+
+    def __init__(self, d_model, sae_cfg, seq_len, options, generator):
+        super().__init__(d_model, sae_cfg, seq_len, options, generator)
+        if self.k % 2:
+            raise ValueError(f"{self.name}: the dictionary size k = {self.k} must be even to split into a global "
+                             f"and a position half. Fix: choose sae.expansion so that expansion x {d_model} is even")
+        self.n_global = self.k // 2
+
+    @property
+    def groups(self) -> dict[str, range]:
+        return {"global": range(0, self.n_global), "position": range(self.n_global, self.k)}
+
+    def split(self, f_BK: Tensor) -> tuple[Tensor, Tensor]:
+        """(global [B, G], position [B, P]) views of a feature or pre-activation tensor."""
+        return f_BK[:, : self.n_global], f_BK[:, self.n_global :]

@@ -1,0 +1,123 @@
+"""hierarchical: the paper's full model, eqs. 2–7 (§4): global and position features, attention routing, a gate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from posae.config import _f
+from posae.saes import register
+from posae.saes.grouped import GroupedSAE
+
+
+@dataclass(frozen=True)
+class HierarchicalOptions:
+    position_init_std: float = _f(
+        0.1, "std of the learned position embedding p_t at initialisation (inputs have unit per-dimension scale)", min=0.0)
+    gate_init: float = _f(0.0, "initial gate logit: σ(0) = 0.5 (SPEC §9); σ(−2) ≈ 0.12 is the paper's reported gate")
+
+
+@register("hierarchical")
+class Hierarchical(GroupedSAE):
+    """f = [f_g ; g_t ⊙ ReLU(f_p + α_t)], x̂ = W_d f + b_d (eqs. 2–6), trained with w_t = 1 + t/L (eq. 7).
+
+    Readings of the ambiguous parts (SPEC §9):
+
+    - eq. 2–3: f_g = ReLU(W_g (x − b_d) + b_g), f_p = ReLU(W_p (x − b_d + p_t) + b_p), with
+      [W_g; W_p] one [D, K] encoder. W_p p_t is a [T, P] table computed once per step, so the
+      position embedding costs no per-token matmul.
+    - eq. 4 α_t: multi-head attention whose queries come from the token ((x − b_d) W_q, H heads of width E),
+      whose keys and values come from the learned position table (p W_k, p W_v, all T positions,
+      no causal mask), scaled by 1/√E, the heads' outputs projected to the P position features.
+      The paper's √d is read as the head width, as in any multi-head attention.
+    - eq. 4 gate: w_t is read as a learned table, g_t = σ(G[t]) with G ∈ R^{T×P} initialised to
+      0 (g = 0.5); the loss weight of eq. 7 is the separate fixed 1 + t/L (``train.position_weighted``).
+    - eq. 5: f_p + α_t can be negative, so ReLU(f_p + α_t) keeps features non-negative.
+
+    The intermediate designs the paper tried on the way are subclasses that switch parts off:
+    attention_routing (no gate), residual (no attention, no gate, p_t added to x̂).
+    """
+
+    Options = HierarchicalOptions
+    use_attention: ClassVar[bool] = True
+    use_gate: ClassVar[bool] = True
+    position_residual: ClassVar[bool] = False  # add p_t to the reconstruction (the residual variant)
+
+    def __init__(self, d_model, sae_cfg, seq_len, options, generator):
+        super().__init__(d_model, sae_cfg, seq_len, options, generator)
+        g = generator
+        T, D, P = seq_len, d_model, self.k - self.n_global
+        self.init_position_embedding(g)
+        if self.use_attention:
+            X = sae_cfg.heads * sae_cfg.head_dim
+
+            def uniform(*shape: int, fan_in: int) -> nn.Parameter:
+                return nn.Parameter((torch.rand(*shape, generator=g) * 2 - 1) / math.sqrt(fan_in))
+
+            self.W_q_DX = uniform(D, X, fan_in=D)
+            self.W_k_DX = uniform(D, X, fan_in=D)
+            self.W_v_DX = uniform(D, X, fan_in=D)
+            self.W_o_XP = uniform(X, P, fan_in=X)
+        if self.use_gate:
+            self.gate_logits_TP = nn.Parameter(torch.full((T, P), self.options.gate_init))
+
+    # ------------------------------------------------------------------ position embedding
+
+    def init_position_embedding(self, g: torch.Generator) -> None:
+        self.pos_embed_TD = nn.Parameter(
+            torch.randn(self.seq_len, self.d_model, generator=g) * self.options.position_init_std)
+
+    def position_table(self) -> Tensor:
+        """p_t for every position t: [T, D]."""
+        return self.pos_embed_TD
+
+    # ------------------------------------------------------------------ the model
+
+    def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
+        pre_BK = self.pre_acts(x_BD)
+        pre_g_BG, pre_p_BP = self.split(pre_BK)
+        p_TD = self.position_table()
+        Wp_p_TP = p_TD @ self.W_enc_DK[:, self.n_global :]
+        f_p_BP = torch.relu(pre_p_BP + Wp_p_TP.index_select(0, pos_B))
+        if self.use_attention:
+            f_p_BP = torch.relu(f_p_BP + self.route(x_BD, p_TD))
+        if self.use_gate:
+            f_p_BP = f_p_BP * self.gates(pos_B, f_p_BP.dtype)
+        return torch.cat([torch.relu(pre_g_BG), f_p_BP], dim=1)
+
+    def decode(self, f_BK: Tensor, pos_B: Tensor) -> Tensor:
+        x_hat_BD = super().decode(f_BK, pos_B)
+        if self.position_residual:
+            x_hat_BD = x_hat_BD + self.position_table().to(x_hat_BD.dtype).index_select(0, pos_B)
+        return x_hat_BD
+
+    def route(self, x_BD: Tensor, p_TD: Tensor) -> Tensor:
+        """α_t (eq. 4): the token's queries attend over the position table; [B, P]."""
+        H, E = self.cfg.heads, self.cfg.head_dim
+        B, T = x_BD.shape[0], p_TD.shape[0]
+        # Queries read x − b_d like the rest of the encoder (the bias term is an [X] vector, not a [B, D]
+        # pass), and carry the 1/√E of the scores, which saves a pass over the [H, B, T] scores.
+        scale = E**-0.5
+        q_BX = torch.addmm(-(self.b_dec_D @ self.W_q_DX) * scale, x_BD, self.W_q_DX, alpha=scale)
+        q_HBE = q_BX.view(B, H, E).transpose(0, 1)
+        k_HET = (p_TD @ self.W_k_DX).view(T, H, E).permute(1, 2, 0)
+        v_HTE = (p_TD @ self.W_v_DX).view(T, H, E).transpose(0, 1)
+        # Written out rather than F.scaled_dot_product_attention: with 4096 "queries" and 128 keys
+        # its CPU path was 2.5x slower here, forward and backward.
+        a_HBT = torch.bmm(q_HBE, k_HET.to(q_HBE.dtype)).softmax(dim=-1)
+        out_HBE = torch.bmm(a_HBT, v_HTE.to(a_HBT.dtype))
+        return out_HBE.transpose(0, 1).reshape(B, H * E) @ self.W_o_XP
+
+    def gates(self, pos_B: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        if not self.use_gate:
+            return None
+        return torch.sigmoid(self.gate_logits_TP).to(dtype).index_select(0, pos_B)
+
+    def diagnostics(self) -> dict[str, float]:
+        if not self.use_gate:
+            return {}
+        return {"gate_mean": float(torch.sigmoid(self.gate_logits_TP.detach()).mean())}

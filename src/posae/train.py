@@ -1,0 +1,493 @@
+"""Training SAE variants on stored activations (notebook 03_train).
+
+`train_variant` trains one variant on every configured layer and seed; each (layer, seed) is one
+run, read as a story in `train_run`: resume or start, then `train_step`, `maybe_resample`,
+`maybe_log` and `maybe_checkpoint` until the last step, then a final checkpoint.
+
+The objective is eq. 7 as written (SPEC §9): the mean over tokens of w_t · ‖x_t − x̂_t‖₂ (the
+unsquared norm; ``train.recon_loss: squared`` squares it), w_t = 1 + t/L normalised to mean 1 in
+each batch for the variants that use it (so λ1 means the same everywhere), plus λ1 · l1_scale ·
+‖f‖₁ per token and the variant's own terms. The paper's Σ_t is a mean here: the scale belongs to
+the learning rate.
+
+Speed (SPEC: the whole default reproduction in 15 minutes on two cores): bf16 autocast where the
+CPU has native bf16, with fp32 master weights and AdamW state; the encoder written so autograd
+runs 5 matmuls per step, not 6 (`SAE.pre_acts`); batches gathered straight from the memory-mapped
+store. Determinism: the data order is a pure function of (seed, step) (`batch_indices`), and so is
+every resampling draw, so a resumed run repeats the uninterrupted one bit for bit; the checkpoint
+carries the rest (weights, AdamW moments, dead-feature counters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import posae
+from posae import checkpoint
+from posae.config import Config, ConfigError, TrainConfig, load_config, to_dict
+from posae.paths import activations_dir, sae_dir
+from posae.saes import SAE, ForwardOutput, build, variant_config
+from posae.store import ActivationStore
+
+# --------------------------------------------------------------------------- public entry point
+
+
+def train_variant(cfg: Config | str, variant: str, layers: list[int] | None = None, seeds: list[int] | None = None,
+                  progress: bool = True) -> list[Path]:
+    """Train `variant` on each layer and seed (default: the config's), skipping finished runs.
+
+    Returns the run folders, in (layer, seed) order. Everything is validated and every store
+    opened before the first step, so a wrong name fails at once.
+    """
+    cfg = load_config(cfg, check_model=False) if isinstance(cfg, (str, Path)) else cfg
+    vcfg = variant_config(cfg, variant)  # an unknown variant fails here, listing the known ones
+    layers = list(cfg.capture.layers if layers is None else layers)
+    seeds = list(vcfg.train.seeds if seeds is None else seeds)
+    bad = [l for l in layers if l not in cfg.capture.layers]
+    if bad:
+        raise ConfigError(f"{cfg.source}: layer {bad[0]} is not captured. Fix: use one of {list(cfg.capture.layers)}")
+    stores = {l: ActivationStore.open(activations_dir(cfg.name, l, "train")) for l in layers}
+    return [train_run(vcfg, variant, layer, seed, stores[layer], progress=progress)
+            for layer in layers for seed in seeds]
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a run; a checkpoint saves all of it."""
+
+    sae: SAE
+    opt: torch.optim.Optimizer
+    since_fired_K: Tensor  # optimizer steps since each feature last fired in a training batch
+    resampled_K: Tensor  # features resampled at least once
+    step: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step leaves for logging and resampling."""
+
+    fired_K: Tensor
+    x_BD: Tensor  # the last micro-batch, for resampling toward high-loss inputs
+    x_hat_BD: Tensor  # its reconstruction
+    err_sq_B: Tensor  # its squared reconstruction errors
+    terms: dict[str, float] = field(default_factory=dict)  # loss terms, on logging steps
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_run(cfg: Config, variant: str, layer: int, seed: int, store: ActivationStore,
+              progress: bool = True, out: Path | None = None) -> Path:
+    """Train one SAE (cfg already has the variant applied) into its run folder; resumes or skips."""
+    out = Path(out) if out is not None else sae_dir(cfg.name, variant, layer, seed)
+    tcfg = cfg.train
+    ident = run_hash(cfg, variant, layer, seed, store)
+    if is_finished(out, ident):
+        return out
+    check_batch(cfg, store)
+    state = resume(out, ident, cfg, variant, seed, store) or start(cfg, variant, seed, store)
+    info = run_info(cfg, variant, layer, seed, store, ident, state, out)
+    dtype = autocast_dtype(tcfg)
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum
+    clock = {"t": time.perf_counter(), "step": state.step, "start": time.perf_counter(), "start_step": state.step}
+    with progress_bar(progress, f"{variant} layer {layer} seed {seed}", tcfg, tokens_per_step, state.step) as bar, \
+            threads_for(state.sae, tcfg):
+        while state.step < tcfg.steps:
+            stats = train_step(state, store, cfg, seed, dtype, want_metrics=is_log_step(state.step + 1, tcfg))
+            maybe_resample(state, stats, tcfg, seed)
+            maybe_log(state, stats, tcfg, tokens_per_step, clock, bar)
+            maybe_checkpoint(state, out, info, store, tcfg)
+    elapsed = time.perf_counter() - clock["start"]
+    info["train_seconds"] = info.get("train_seconds", 0.0) + elapsed
+    info["tokens_per_s"] = (state.step - clock["start_step"]) * tokens_per_step / max(elapsed, 1e-9)
+    save_checkpoint(state, out, info, store, done=True)
+    return out
+
+
+def start(cfg: Config, variant: str, seed: int, store: ActivationStore) -> TrainState:
+    sae = build(variant, store.d_model, cfg.sae, seq_len(cfg, store), seed=seed)
+    sae.train()
+    return TrainState(sae=sae, opt=make_optimizer(sae, cfg.train),
+                      since_fired_K=torch.zeros(sae.k, dtype=torch.long),
+                      resampled_K=torch.zeros(sae.k, dtype=torch.bool))
+
+
+def make_optimizer(sae: SAE, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one kernel for all parameters; the moments stay fp32 like the master weights.
+    return torch.optim.AdamW(sae.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay,
+                             fused=True)
+
+
+def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int, dtype: torch.dtype | None,
+               want_metrics: bool) -> StepStats:
+    """One optimizer step over `grad_accum` micro-batches; decoder rows stay unit-norm."""
+    sae, opt, tcfg = state.sae, state.opt, cfg.train
+    for group in opt.param_groups:
+        group["lr"] = lr_at(state.step, tcfg)
+    fired_K = torch.zeros(sae.k, dtype=torch.bool)
+    sums: dict[str, float] = {}
+    for micro in range(tcfg.grad_accum):
+        idx = batch_indices(len(store), tcfg.batch_size, seed, state.step * tcfg.grad_accum + micro)
+        x_BD = store.normalised(idx)
+        pos_B = torch.from_numpy(store.pos_N[idx].astype(np.int64))
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            # Cast once here: autocast would cast x again for every matmul that reads it.
+            out = sae(x_BD if dtype is None else x_BD.to(dtype), pos_B)
+        terms, err_sq_B = objective(out, x_BD, pos_B, tcfg, state.step, seq_len(cfg, store))
+        (terms["total"] / tcfg.grad_accum).backward()
+        f_BK = out.features.detach()
+        fired_K |= f_BK.amax(0) > 0
+        if want_metrics:
+            for k, v in {**{f"losses/{n}": t for n, t in terms.items()}, **batch_metrics(x_BD, out)}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, Tensor) else v) / tcfg.grad_accum
+    sae.remove_parallel_grads_()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sae.normalise_decoder_()
+    state.step += 1
+    return StepStats(fired_K=fired_K, x_BD=x_BD, x_hat_BD=out.x_hat.detach(), err_sq_B=err_sq_B,
+                     terms={k: v for k, v in sums.items() if k.startswith("losses/")},
+                     metrics={k: v for k, v in sums.items() if not k.startswith("losses/")})
+
+
+def objective(out: ForwardOutput, x_BD: Tensor, pos_B: Tensor, tcfg: TrainConfig, step: int,
+              seq_len: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Eq. 7 plus the variant's terms, and each token's squared error (for resampling).
+
+    'total' = recon + λ1(step) · l1 + the variant's (already weighted) terms is what is minimised;
+    'l1' is the unweighted ‖f‖₁ per token.
+    """
+    recon_B, err_sq_B = ReconLoss.apply(out.x_hat, x_BD, tcfg.recon_loss == "squared")
+    if tcfg.position_weighted:
+        recon_B = recon_B * position_weights(pos_B, seq_len)
+    recon = recon_B.mean()
+    # Features are non-negative in every variant, so ‖f‖₁ is a sum (no abs pass over [B, K]).
+    l1 = out.features.sum(dtype=torch.float32) / out.features.shape[0]
+    total = recon + l1_at(step, tcfg) * l1 + sum(out.aux_losses.values(), torch.zeros(()))
+    return {"total": total, "recon": recon, "l1": l1, **out.aux_losses}, err_sq_B
+
+
+class ReconLoss(torch.autograd.Function):
+    """Per-token ‖x̂ − x‖₂ (or its square), with a hand-written backward.
+
+    Same numbers as autograd's vector_norm, but three passes over [B, D] instead of eight: x̂ may
+    be bf16 (autocast) while x stays fp32, and the gradient goes back in x̂'s dtype in one pass.
+    Returns (loss_B, squared error_B); the second carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat_BD: Tensor, x_BD: Tensor, squared: bool) -> tuple[Tensor, Tensor]:
+        err_BD = torch.sub(x_hat_BD, x_BD)  # type promotion: fp32 result from a bf16 x̂, one pass
+        norm_B = torch.linalg.vector_norm(err_BD, dim=-1)
+        ctx.squared, ctx.dtype = squared, x_hat_BD.dtype
+        ctx.save_for_backward(err_BD, norm_B)
+        err_sq_B = norm_B.square()
+        ctx.mark_non_differentiable(err_sq_B)
+        return (err_sq_B.clone() if squared else norm_B), err_sq_B
+
+    @staticmethod
+    def backward(ctx, grad_B: Tensor, _unused: Tensor) -> tuple[Tensor | None, None, None]:
+        err_BD, norm_B = ctx.saved_tensors
+        scale_B = 2.0 * grad_B if ctx.squared else grad_B / norm_B.clamp_min(1e-12)
+        return (err_BD * scale_B[:, None]).to(ctx.dtype), None, None
+
+
+def position_weights(pos_B: Tensor, seq_len: int) -> Tensor:
+    """w_t = 1 + t/L (eq. 7), divided by its batch mean so the weights average 1 (SPEC §9)."""
+    w_B = 1.0 + pos_B.float() / seq_len
+    return w_B / w_B.mean()
+
+
+@torch.no_grad()
+def batch_metrics(x_BD: Tensor, out: ForwardOutput) -> dict[str, float]:
+    """Reconstruction and sparsity on one batch, on the normalised scale (MSE 1.0 = predicting the mean)."""
+    err_BD = out.x_hat.float() - x_BD
+    f_BK = out.features
+    sq_err = float(err_BD.square().sum())
+    return {
+        "metrics/mse": sq_err / err_BD.numel(),
+        "metrics/explained_variance": 1.0 - sq_err / max(float((x_BD - x_BD.mean(0)).square().sum()), 1e-12),
+        "metrics/l0": float((f_BK > 0).sum(dtype=torch.float32)) / f_BK.shape[0],
+        # Mean activation per feature and token: the paper's "L1 < 0.1" fits this scale (SPEC §9).
+        "metrics/l1": float(f_BK.sum(dtype=torch.float32)) / f_BK.numel(),
+    }
+
+
+# --------------------------------------------------------------------------- schedules (functions of the step)
+
+
+def lr_at(step: int, tcfg: TrainConfig) -> float:
+    """Linear warm-up over lr_warmup of the run, constant, linear decay to 0 over the last lr_decay."""
+    factor = 1.0
+    warm = tcfg.lr_warmup * tcfg.steps
+    if warm > 0:
+        factor = min(factor, (step + 1) / warm)
+    decay = tcfg.lr_decay * tcfg.steps
+    if decay > 0:
+        factor = min(factor, (tcfg.steps - step) / decay)
+    return tcfg.lr * factor
+
+
+def l1_at(step: int, tcfg: TrainConfig) -> float:
+    """λ1 · l1_scale, ramped linearly from 0 over the first l1_warmup of the run."""
+    warm = tcfg.l1_warmup * tcfg.steps
+    ramp = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    return tcfg.l1 * tcfg.l1_scale * ramp
+
+
+def resample_threshold(tcfg: TrainConfig) -> int:
+    """Optimizer steps without firing after which a feature is resampled (paper: 50k of 100k)."""
+    return max(1, math.floor(tcfg.resample_after * tcfg.steps))
+
+
+def is_log_step(step: int, tcfg: TrainConfig) -> bool:
+    return step == 1 or step % tcfg.log_every == 0 or step == tcfg.steps
+
+
+# --------------------------------------------------------------------------- data
+
+
+def batch_indices(n_tokens: int, batch_size: int, seed: int, micro: int) -> np.ndarray:
+    """Rows of micro-batch number `micro`: epochs of a seeded permutation, sorted for memmap locality."""
+    per_epoch = n_tokens // batch_size
+    epoch, j = divmod(micro, per_epoch)
+    perm = _permutation(n_tokens, seed, epoch)
+    return np.sort(perm[j * batch_size : (j + 1) * batch_size])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n_tokens: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_tokens)
+
+
+def check_batch(cfg: Config, store: ActivationStore) -> None:
+    if cfg.train.batch_size > len(store):
+        raise ConfigError(f"{cfg.source}: train.batch_size {cfg.train.batch_size} exceeds the {len(store)} training "
+                          f"tokens of {store.path}. Fix: lower train.batch_size")
+
+
+def seq_len(cfg: Config, store: ActivationStore) -> int:
+    """L: the context length, so positions run 0..L-1 (BOS, at 0, is usually excluded from the store)."""
+    return int(store.meta.get("seq_len", cfg.corpus.seq_len))
+
+
+def autocast_dtype(tcfg: TrainConfig) -> torch.dtype | None:
+    """bfloat16 where the CPU computes it natively (else it is slower than fp32); None = plain fp32."""
+    if tcfg.dtype == "float32":
+        return None
+    if tcfg.dtype == "bfloat16" or native_bf16():
+        return torch.bfloat16
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+# --------------------------------------------------------------------------- dead features
+
+
+@torch.no_grad()
+def maybe_resample(state: TrainState, stats: StepStats, tcfg: TrainConfig, seed: int) -> int:
+    """Count steps since each feature fired; resample those inactive for more than the threshold.
+
+    Revived features point at high-loss inputs (tokens drawn with probability ∝ squared error):
+    decoder row = the direction of that token's residual x − x̂, encoder column = the same times
+    0.2 × the mean norm of the live encoder columns, bias 0; their AdamW moments restart at zero.
+    This is Anthropic's 2023 recipe with the residual in place of the input: on Gemma's residual
+    stream, inputs share one massive dimension, so input-direction features all fired together on
+    half the tokens and training diverged (calibration, lr 3e-3); residuals add what is missing.
+    The draw is seeded by (seed, step), so a resumed run resamples exactly as an uninterrupted one.
+    """
+    state.since_fired_K += 1
+    state.since_fired_K[stats.fired_K] = 0
+    if not tcfg.resample:
+        return 0
+    dead_K = state.since_fired_K > resample_threshold(tcfg)
+    n_dead = int(dead_K.sum())
+    if n_dead == 0:
+        return 0
+    dead_idx = dead_K.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + state.step)
+    weights_B = stats.err_sq_B.clamp_min(0) + 1e-12
+    rows = torch.multinomial(weights_B, n_dead, replacement=n_dead > weights_B.numel(), generator=g)
+    dirs_ND = torch.nn.functional.normalize(stats.x_BD[rows] - stats.x_hat_BD[rows].float(), dim=-1)
+    sae = state.sae
+    alive = ~dead_K
+    enc_norm = float(sae.W_enc_DK[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
+    sae.W_dec_KD[dead_idx] = dirs_ND
+    sae.W_enc_DK[:, dead_idx] = dirs_ND.T * (0.2 * enc_norm)
+    sae.b_enc_K[dead_idx] = 0.0
+    for name, axis in sae.feature_params():
+        moments = state.opt.state.get(getattr(sae, name), {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in moments:
+                moments[key].index_fill_(axis, dead_idx, 0.0)
+    state.since_fired_K[dead_idx] = 0
+    state.resampled_K |= dead_K
+    return n_dead
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def maybe_log(state: TrainState, stats: StepStats, tcfg: TrainConfig, tokens_per_step: int,
+              clock: dict[str, float], bar) -> None:
+    if bar is not None:
+        bar.update(tokens_per_step)
+    if not is_log_step(state.step, tcfg):
+        return
+    now = time.perf_counter()
+    steps_done = state.step - clock["step"]
+    k = state.sae.k
+    line = {
+        "step": state.step,
+        "tokens": state.step * tokens_per_step,
+        **stats.terms,
+        **stats.metrics,
+        "metrics/dead_fraction": float((state.since_fired_K >= tcfg.dead_window).sum()) / k,
+        "metrics/resampled_fraction": float(state.resampled_K.sum()) / k,
+        "metrics/lr": lr_at(state.step - 1, tcfg),
+        **{f"metrics/{n}": v for n, v in state.sae.diagnostics().items()},
+        "perf/tokens_per_s": steps_done * tokens_per_step / max(now - clock["t"], 1e-9),
+    }
+    state.metrics.append(line)
+    clock["t"], clock["step"] = now, state.step
+    if bar is not None:
+        bar.set_postfix(loss=f"{line['losses/total']:.3g}", l0=f"{line['metrics/l0']:.0f}",
+                        ev=f"{line['metrics/explained_variance']:.3f}", refresh=False)
+
+
+def progress_bar(enabled: bool, desc: str, tcfg: TrainConfig, tokens_per_step: int, step: int):
+    """A context manager giving a tqdm bar counting tokens (so its rate is tokens/s), or None."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    # Plain tqdm on stderr: readable in a terminal and in an executed notebook alike.
+    return tqdm(total=tcfg.steps * tokens_per_step, initial=step * tokens_per_step, desc=desc, unit="tok",
+                unit_scale=True, mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def threads_for(sae: SAE, tcfg: TrainConfig) -> Iterator[None]:
+    """One thread for a tiny SAE (smoke runs, tests), all of them otherwise.
+
+    Below ~1 GFLOP per step the thread team's synchronisation costs more than it saves, and on a
+    busy machine every parallel op waits for a descheduled worker: a 64-wide smoke SAE ran 100x
+    slower on two threads than on one while another process held a core.
+    """
+    before = torch.get_num_threads()
+    if 10 * tcfg.batch_size * sae.d_model * sae.k < 1e9:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def maybe_checkpoint(state: TrainState, out: Path, info: dict, store: ActivationStore, tcfg: TrainConfig) -> None:
+    if state.step % tcfg.checkpoint_every == 0 and state.step < tcfg.steps:
+        save_checkpoint(state, out, info, store, done=False)
+
+
+def save_checkpoint(state: TrainState, out: Path, info: dict, store: ActivationStore, done: bool) -> None:
+    info = {**info, "step": state.step, "done": done,
+            "resampled_fraction": float(state.resampled_K.sum()) / state.sae.k}
+    mean_D = torch.from_numpy(np.asarray(store.mean_D, dtype=np.float32))
+    checkpoint.save_run(out, state.sae, info, state.metrics, mean_D, None if done else train_tensors(state))
+
+
+def train_tensors(state: TrainState) -> dict[str, Tensor]:
+    """The optimizer moments and feature counters, keyed by parameter name."""
+    tensors = {"since_fired_K": state.since_fired_K.clone(), "resampled_K": state.resampled_K.to(torch.uint8)}
+    for name, p in state.sae.named_parameters():
+        for key, value in state.opt.state.get(p, {}).items():
+            tensors[f"opt.{name}.{key}"] = value.detach().clone().reshape(value.shape)
+    return tensors
+
+
+def resume(out: Path, ident: str, cfg: Config, variant: str, seed: int, store: ActivationStore) -> TrainState | None:
+    """The state of an unfinished run of the same identity saved in `out`, else None (start afresh)."""
+    info = checkpoint.read_info(out)
+    tensors = checkpoint.read_train_state(out)
+    if info is None or tensors is None or info.get("run_hash") != ident or info.get("done"):
+        return None
+    state = start(cfg, variant, seed, store)
+    state.sae.load_state_dict(checkpoint.load_sae(out).state_dict())
+    opt_state = {}
+    for i, (name, p) in enumerate(state.sae.named_parameters()):
+        keys = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
+        if keys:
+            opt_state[i] = keys
+    sd = state.opt.state_dict()
+    sd["state"] = opt_state
+    state.opt.load_state_dict(sd)
+    state.since_fired_K = tensors["since_fired_K"].clone()
+    state.resampled_K = tensors["resampled_K"].bool()
+    state.step = int(info["step"])
+    state.metrics = checkpoint.read_metrics(out)
+    return state
+
+
+def is_finished(out: Path, ident: str) -> bool:
+    info = checkpoint.read_info(out)
+    return bool(info and info.get("done") and info.get("run_hash") == ident)
+
+
+def run_hash(cfg: Config, variant: str, layer: int, seed: int, store: ActivationStore) -> str:
+    """What determines the trained weights: a changed value retrains, bookkeeping settings do not."""
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("seeds", "checkpoint_every", "log_every")}
+    blob = {"variant": variant, "layer": layer, "seed": seed, "sae": to_dict(cfg.sae), "train": train,
+            "store": store.meta.get("hash"), "tokens": len(store), "format": checkpoint.FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_info(cfg: Config, variant: str, layer: int, seed: int, store: ActivationStore, ident: str,
+             state: TrainState, out: Path) -> dict[str, Any]:
+    """config.json: what rebuilds the SAE and says where it came from."""
+    sae = state.sae
+    old = checkpoint.read_info(out) if state.step else None
+    return {
+        "variant": variant, "layer": layer, "seed": seed,
+        "d_model": sae.d_model, "k": sae.k, "seq_len": sae.seq_len,
+        "groups": {n: [r.start, r.stop] for n, r in sae.groups.items()} if sae.groups else None,
+        "config": to_dict(cfg), "config_source": cfg.source,
+        "normalisation": {"centred": True, "scale": store.scale, "mean": f"{checkpoint.WEIGHTS}:normalisation.mean_D"},
+        "store": {"path": str(store.path), "hash": store.meta.get("hash"), "tokens": len(store)},
+        "autocast": str(autocast_dtype(cfg.train)).replace("torch.", "") if autocast_dtype(cfg.train) else "float32",
+        "diagnostics_start": (old or {}).get("diagnostics_start", sae.diagnostics()),
+        "train_seconds": (old or {}).get("train_seconds", 0.0),
+        "run_hash": ident, "git_commit": git_commit(), "posae_version": posae.__version__,
+        "torch_version": torch.__version__, "steps": cfg.train.steps,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    from posae.notebook import git_commit as commit  # one definition of '+dirty' for every record
+
+    return commit()

@@ -1,0 +1,231 @@
+"""The SAE variants, one parametrised test per property: adding a variant to the registry adds its tests."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from posae.config import Config, ConfigError, SAEConfig
+from posae.saes import REGISTRY, SAE, build, register, variant_config, variant_path
+from posae.saes.contrastive import position_info_nce
+
+D, T, B = 32, 16, 96
+SAE_CFG = SAEConfig(expansion=2.0, buckets=4, heads=2, head_dim=8)  # k = 64, 32 per group
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add synchronisation, and on a busy machine each parallel op waits a time slice."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(name: str, seed: int = 0) -> SAE:
+    """The variant as the config would build it: its params/variants YAML applied to small shapes."""
+    cfg = variant_config(Config(sae=SAE_CFG), name)
+    return build(name, D, cfg.sae, T, seed=seed)
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, generator=g), torch.randint(0, T, (B,), generator=g)
+
+
+def test_all_ten_variants_of_the_spec_are_registered():
+    assert {"baseline", "position_masking", "soft_masking", "soft_masking_sparse", "position_weighted",
+            "attention_routing", "residual", "hierarchical", "contrastive", "multiscale"} <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_shapes_and_non_negative_features(name):
+    sae = make(name)
+    x_BD, pos_B = batch()
+    out = sae(x_BD, pos_B)
+    assert out.x_hat.shape == (B, D) and out.features.shape == (B, sae.k) == (B, 64)
+    assert (out.features >= 0).all()
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.aux_losses.values())
+    groups = sae.probe_groups()
+    assert sorted([*groups["global"], *groups["position"]]) == list(range(sae.k))
+    assert sae.groups is None or sae.groups == groups
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_forward_equals_decode_of_encode(name):
+    sae = make(name)
+    x_BD, pos_B = batch()
+    out = sae(x_BD, pos_B)
+    f_BK = sae.encode(x_BD, pos_B)
+    torch.testing.assert_close(out.features, f_BK)
+    torch.testing.assert_close(out.x_hat, sae.decode(f_BK, pos_B))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_same_seed_same_initialisation(name):
+    a, b, c = make(name, seed=3), make(name, seed=3), make(name, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.W_dec_KD, c.W_dec_KD)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_tied_initialisation_and_unit_decoder(name):
+    sae = make(name)
+    torch.testing.assert_close(sae.W_dec_KD.norm(dim=-1), torch.ones(sae.k))
+    torch.testing.assert_close(sae.W_enc_DK, sae.W_dec_KD.T)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_parallel_gradient_removed(name):
+    sae = make(name)
+    sae.W_dec_KD.grad = torch.randn_like(sae.W_dec_KD)
+    sae.remove_parallel_grads_()
+    parallel_K = (sae.W_dec_KD.grad * sae.W_dec_KD).sum(-1)
+    torch.testing.assert_close(parallel_K, torch.zeros(sae.k), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_pre_encoder_bias_is_subtracted(name):
+    """Shifting the input and b_dec together leaves the features unchanged (SPEC §9)."""
+    sae = make(name)
+    x_BD, pos_B = batch()
+    shift_D = torch.randn(D)
+    f_BK = sae.encode(x_BD, pos_B)
+    with torch.no_grad():
+        sae.b_dec_D += shift_D
+    torch.testing.assert_close(sae.encode(x_BD + shift_D, pos_B), f_BK, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_gates_lie_in_unit_interval(name):
+    sae = make(name)
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            if "gate" in n or "mask" in n:
+                p.copy_(torch.randn_like(p) * 30)  # saturate: the bounds must still hold
+    _, pos_B = batch()
+    g_BP = sae.gates(pos_B)
+    if g_BP is None:
+        return
+    assert g_BP.shape == (B, len(sae.probe_groups()["position"]))
+    assert (g_BP >= 0).all() and (g_BP <= 1).all()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_autocast_bf16_forward_stays_close(name):
+    sae = make(name)
+    x_BD, pos_B = batch()
+    ref = sae(x_BD, pos_B).x_hat
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sae(x_BD.to(torch.bfloat16), pos_B).x_hat.float()
+    assert (low - ref).norm() / ref.norm() < 0.05
+
+
+def test_position_masking_fires_only_the_bucket_of_t():
+    from posae.probes import position_bucket
+
+    sae = make("position_masking")
+    with torch.no_grad():
+        sae.b_enc_K.fill_(100.0)  # every feature would fire without its mask
+    pos_B = torch.arange(T).repeat(4)
+    f_BK = sae.encode(torch.randn(len(pos_B), D), pos_B)
+    G = sae.groups["position"]
+    f_p_BP = f_BK[:, G.start : G.stop]
+    P, buckets = len(G), SAE_CFG.buckets
+    feature_bucket_P = torch.arange(P) * buckets // P
+    token_bucket_B = torch.from_numpy(position_bucket(pos_B.numpy(), T, buckets))
+    allowed_BP = feature_bucket_P[None, :] == token_bucket_B[:, None]
+    assert (f_p_BP[~allowed_BP] == 0).all()
+    assert (f_p_BP[allowed_BP] > 0).all()
+    assert (f_BK[:, : G.start] > 0).all()  # global features are not masked
+
+
+def test_residual_variant_adds_the_position_embedding_to_the_reconstruction():
+    sae = make("residual")
+    f_BK = torch.zeros(T, sae.k)
+    pos_B = torch.arange(T)
+    torch.testing.assert_close(sae.decode(f_BK, pos_B), sae.b_dec_D + sae.position_table())
+
+
+def test_multiscale_position_table_sums_the_scales():
+    sae = make("multiscale")
+    t = 13
+    want = sum(sae.pos_embed[f"s{s}"][t // s] for s in (1, 4, 16))
+    torch.testing.assert_close(sae.position_table()[t], want)
+
+
+def test_info_nce_is_lower_for_aligned_than_shuffled_positions():
+    g = torch.Generator().manual_seed(0)
+    pos_B = torch.arange(T).repeat(16)
+    proto_TP = torch.rand(T, 32, generator=g)
+    z_BP = proto_TP[pos_B] + 0.3 * torch.rand(len(pos_B), 32, generator=g)
+    shuffled_B = pos_B[torch.randperm(len(pos_B), generator=g)]
+    aligned, shuffled = (position_info_nce(z_BP, p, T, 0.1) for p in (pos_B, shuffled_B))
+    assert aligned < shuffled - 0.5
+    assert abs(float(shuffled) - np.log(T)) < 0.5  # chance level
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if "contrastive" in make(n)(*batch()).aux_losses])
+def test_contrastive_variant_loss_lower_for_aligned_positions(name):
+    sae = make(name)
+    g = torch.Generator().manual_seed(1)
+    pos_B = torch.arange(T).repeat(12)
+    # Activations that carry their position strongly, as the residual stream does.
+    x_BD = 3 * torch.randn(T, D, generator=g)[pos_B] + 0.3 * torch.randn(len(pos_B), D, generator=g)
+    aligned = sae(x_BD, pos_B).aux_losses["contrastive"]
+    shuffled_B = pos_B[torch.randperm(len(pos_B), generator=g)]
+    shuffled = sae(x_BD, shuffled_B).aux_losses["contrastive"]
+    assert aligned < shuffled
+
+
+def test_info_nce_skips_positions_without_a_positive():
+    z_BP = torch.rand(4, 8)
+    loss = position_info_nce(z_BP, torch.tensor([0, 1, 2, 3]), 4, 0.1)
+    assert float(loss) == 0.0
+    z_BP.requires_grad_(True)
+    position_info_nce(z_BP, torch.tensor([0, 0, 1, 2]), 4, 0.1).backward()
+    assert torch.isfinite(z_BP.grad).all()
+
+
+# --------------------------------------------------------------------------- registry and options
+
+
+def test_register_rejects_a_second_class_under_one_name():
+    with pytest.raises(ValueError, match="registered twice"):
+        @register("baseline")
+        class Impostor(SAE):
+            pass
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="contrastive") as err:
+        build("nonesuch", D, SAE_CFG, T)
+    assert "nonesuch" in str(err.value) and "Fix" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_variant_file_validates_and_holds_only_sae_and_train(name):
+    cfg = variant_config(Config(), name)
+    assert dataclasses.is_dataclass(REGISTRY[name].Options)
+    assert set(cfg.sae.options) <= {f.name for f in dataclasses.fields(REGISTRY[name].Options)}
+
+
+def test_unknown_option_names_file_key_and_fix():
+    cfg = Config(sae=dataclasses.replace(SAEConfig(), options={"contrastive": {"temprature": 0.2}}))
+    with pytest.raises(ConfigError) as err:
+        variant_config(cfg, "contrastive")
+    msg = str(err.value)
+    assert str(variant_path("contrastive")) in msg and "temprature" in msg and "Fix" in msg
+
+
+def test_run_config_options_override_the_variant_file():
+    cfg = Config(sae=dataclasses.replace(SAEConfig(), options={"contrastive": {"temperature": 0.25}}))
+    assert variant_config(cfg, "contrastive").sae.options["temperature"] == 0.25
+
+
+def test_soft_masking_lambdas_are_multipliers_of_the_configs():
+    assert variant_config(Config(), "soft_masking").train.l1_scale == 0.4
+    assert variant_config(Config(), "soft_masking_sparse").train.l1_scale == 2.0
+    assert variant_config(Config(), "position_weighted").train.position_weighted
+    assert not variant_config(Config(), "baseline").train.position_weighted
