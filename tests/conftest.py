@@ -14,6 +14,7 @@ import pytest
 
 # Set before any posae import resolves a path, and inherited by papermill's kernels.
 os.environ["POSAE_RUNS"] = tempfile.mkdtemp(prefix="posae-test-runs-")
+os.environ["POSAE_FIGURES"] = tempfile.mkdtemp(prefix="posae-test-figures-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

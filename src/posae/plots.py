@@ -153,3 +153,77 @@ def ablation(runs: pd.DataFrame, name: str, paper: tuple | None, xlabel: str, pe
     ax.set(xlabel=xlabel + (" (%)" if percent else ""), ylabel="")
     ax.legend(fontsize=7, loc="best")
     return fig
+
+
+# --------------------------------------------------------------------------- figures of the paper (06)
+
+
+def mse_ratio(table: pd.DataFrame) -> plt.Figure:
+    """Validation MSE of each variant over the baseline's: ours (mean ± std over layer-and-seed pairs)
+    beside the paper's (its std propagated from Table 1's). `table` is `posae.figures.table1`."""
+    df = table.dropna(subset=["mse_ratio_mean"]).reset_index(drop=True)
+    y = pd.Series(range(len(df)), dtype=float)
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 0.32 * max(len(df), 2) + 1.2))
+    ax.axvline(1.0, color="grey", ls="--", lw=1)
+    ax.errorbar(df["mse_ratio_mean"], y - 0.12, xerr=df["mse_ratio_std"].fillna(0), fmt="o", color="black",
+                ms=4, capsize=2, label="ours (normalised scale)")
+    ax.errorbar(df["paper_mse_ratio_mean"], y + 0.12, xerr=df["paper_mse_ratio_std"].fillna(0), fmt="D",
+                color="tab:red", ms=4, capsize=2, label="paper (Table 1, §6.1)")
+    ax.set(yticks=y, yticklabels=df["variant"], xlabel="validation MSE / baseline's MSE (ratio, dimensionless)",
+           title="Reconstruction cost of position awareness (dashed: the baseline)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def position_structure(norms: pd.DataFrame, raw: pd.DataFrame) -> plt.Figure:
+    """Position in the raw activations (notebook 02): left, the norm of the normalised activation
+    (centred, scaled to mean squared norm d: the SAE's input) at each position, one line per layer;
+    right, held-out accuracy of the position-bucket probe on them per layer, chance dashed.
+
+    `norms`: layer, position, normalised_norm_mean (`posae.structure.norm_by_position`);
+    `raw`: layer, acc_raw, chance (one row per layer, from probes.csv)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 2.8), width_ratios=(2.2, 1))
+    sns.lineplot(data=norms.assign(layer=norms["layer"].map("layer {}".format)), x="position",
+                 y="normalised_norm_mean", hue="layer", palette="crest", ax=left)
+    left.set(xlabel="position in sequence (tokens)", ylabel="mean ‖(x − μ)·s‖ (normalised)",
+             title="Activation norm by position")
+    left.legend(fontsize=8, title=None)
+    sns.barplot(data=raw.assign(layer=raw["layer"].astype(str)), x="layer", y="acc_raw", hue="layer",
+                palette="crest", legend=False, ax=right)
+    right.axhline(float(raw["chance"].iloc[0]), color="grey", ls="--", lw=1)
+    right.set(ylim=(0, 1), xlabel="layer", ylabel="held-out accuracy", title="Raw position probe")
+    fig.tight_layout()
+    return fig
+
+
+def placeholder(text: str) -> plt.Figure:
+    """A figure that says why there is nothing to draw (e.g. no trained variant has the quantity)."""
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 1.2))
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+    return fig
+
+
+def lines_with_band(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, hue: str = "variant",
+                    col: str = "layer", col_title: str = "layer {}") -> plt.Figure:
+    """One line per `hue` (the mean over the other rows, e.g. seeds) with its range as a band, one
+    panel per `col`: what `sns.relplot(kind="line", errorbar=("pi", 100))` draws, aggregated in one
+    groupby (seaborn's per-group aggregation took seconds for 10 variants × 3 layers × 127 positions)."""
+    stats = df.groupby([col, hue, x], sort=False)[y].agg(["mean", "min", "max"]).reset_index().sort_values(x, kind="stable")
+    hues = list(dict.fromkeys(df[hue]))
+    colours = dict(zip(hues, sns.color_palette(n_colors=len(hues))))
+    panels = sorted(df[col].unique())
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, 2.8), squeeze=False)
+    for ax, value in zip(axes[0], panels):
+        for name in hues:
+            g = stats[(stats[col] == value) & (stats[hue] == name)]
+            ax.plot(g[x], g["mean"], color=colours[name], lw=1.2, label=name)
+            ax.fill_between(g[x], g["min"], g["max"], color=colours[name], alpha=0.2, lw=0)
+        ax.set(title=col_title.format(value), xlabel="", ylabel="")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][len(panels) // 2].set_xlabel(xlabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title=hue, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
