@@ -44,16 +44,23 @@ GRIDS = {
               for lr, l1 in itertools.product([1e-3, 2e-3, 3e-3], [0.05, 0.08, 0.1, 0.15])],
     # ... then at the chosen point: the same tokens in other batch sizes, twice the tokens (has the loss
     # flattened?), and the resampling threshold.
-    "budget": [dict(batch_size=b, steps=s, lr=2e-3, l1=0.1) for b, s in [(1024, 300), (4096, 75), (2048, 300)]]
-              + [dict(batch_size=2048, steps=150, lr=2e-3, l1=0.1, resample_after=r) for r in (0.25, 0.5)],
-    "contrastive": [dict(batch_size=2048, steps=150, lr=2e-3, l1=0.1, temperature=t, weight=w)
+    "budget": [dict(batch_size=b, steps=s, lr=2e-3, l1=0.08) for b, s in [(1024, 300), (4096, 75), (2048, 300)]]
+              + [dict(batch_size=2048, steps=150, lr=2e-3, l1=0.08, resample_after=0.25)],
+    # The step count matters more than the batch: the same tokens in 1024-token batches, on every layer
+    # (run with --layers 3,8,13), at two λ1.
+    "b1024": [dict(batch_size=1024, steps=300, lr=2e-3, l1=l1) for l1 in (0.08, 0.1)],
+    # The contrastive term's temperature and weight λ2 at the chosen point (run with --variant contrastive
+    # --probe), against the hierarchical model it extends (--variant hierarchical --grid reference --probe).
+    "contrastive": [dict(batch_size=1024, steps=300, lr=2e-3, l1=0.1, temperature=t, weight=w)
                     for t, w in itertools.product([0.1, 0.3], [0.1, 0.3, 1.0])],
+    "reference": [dict(batch_size=1024, steps=300, lr=2e-3, l1=0.1)],
 }
 
 
 @torch.no_grad()
-def evaluate(folder: Path, val: ActivationStore, n_tokens: int) -> dict[str, float]:
-    """Held-out reconstruction and sparsity: MSE (normalised scale), EV, L0, L1, dead fraction."""
+def evaluate(folder: Path, val: ActivationStore, n_tokens: int, probe: bool = False) -> dict[str, float]:
+    """Held-out reconstruction and sparsity (MSE on the normalised scale, EV, L0, L1, dead fraction),
+    and with `probe` the position probes of notebook 04 (acc_global, acc_position, U)."""
     sae = checkpoint.load_sae(folder)
     idx = np.linspace(0, len(val) - 1, min(n_tokens, len(val))).astype(np.int64)
     x_BD = val.normalised(idx)
@@ -69,6 +76,13 @@ def evaluate(folder: Path, val: ActivationStore, n_tokens: int) -> dict[str, flo
     g = sae.probe_groups()
     total = float(f.sum())
     row["global_share"] = float(f[:, g["global"].start : g["global"].stop].sum()) / max(total, 1e-12)
+    if probe:
+        from posae.config import ProbeConfig
+        from posae.probes import probe_sae, probe_sample
+
+        buckets = sae.cfg.buckets
+        acc = probe_sae(sae, val, probe_sample(val, ProbeConfig(), buckets), buckets)
+        row.update({k: acc[k] for k in ("acc_global", "acc_position", "U")})
     return row
 
 
@@ -88,6 +102,7 @@ def main() -> None:
     ap.add_argument("--layers", default="8", help="comma-separated layers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--probe", action="store_true", help="also fit notebook 04's position probes (~10 s a run)")
     ap.add_argument("--out", default=str(HERE / "calibration.csv"))
     args = ap.parse_args()
     cfg = load_config(args.config, check_model=False)
@@ -115,7 +130,7 @@ def main() -> None:
                        "tokens": point["batch_size"] * point["steps"], "seconds": round(seconds, 2),
                        "train_loss": lines[-1]["losses/total"], "flatness": flatness(lines),
                        "train_l0": lines[-1]["metrics/l0"], "resampled": lines[-1]["metrics/resampled_fraction"],
-                       **evaluate(folder, val, args.eval_tokens)}
+                       **evaluate(folder, val, args.eval_tokens, args.probe)}
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     new = pd.DataFrame(rows)

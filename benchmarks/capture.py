@@ -63,7 +63,7 @@ def forward_rate(model, seqs_SL, batch_size: int, n_batches: int, layers, naive:
 
 
 _CAPTURE_CHILD = """
-import dataclasses, json, resource, sys, threading, time
+import dataclasses, json, sys, threading, time
 import psutil
 from posae import models
 from posae.capture import capture
@@ -73,6 +73,9 @@ base = load_config("default")
 n = int(sys.argv[1])
 cfg = dataclasses.replace(base, name=f"bench-{n}", corpus=dataclasses.replace(base.corpus, n_train=n, n_val=n))
 marks, loop_rss = {}, [0]
+def peak_rss():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 load = models.load_model
 def sample_rss():  # the loop's own peak: ru_maxrss alone would be the model load's
     proc = psutil.Process()
@@ -91,7 +94,7 @@ t1 = time.perf_counter()
 marks["done"] = True
 tokens = 2 * n * base.corpus.seq_len
 print(json.dumps({"tokens": tokens, "total_s": t1 - t0, "loop_tok_s": tokens / (t1 - marks["loaded"]),
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "loop_rss": loop_rss[0]}))
+                  "peak_rss": peak_rss(), "loop_rss": loop_rss[0]}))
 """
 
 

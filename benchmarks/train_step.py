@@ -124,8 +124,9 @@ def saelens_fit(store: MemoryStore, k: int, autocast: bool) -> Callable[[int], N
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D, d_sae=k, l1_coefficient=0.1))
 
     def fit(steps: int) -> None:
+        # lr_end as LanguageModelSAERunnerConfig derives it (lr / 10); every other setting its default.
         trainer_cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B,
-                                       autocast=autocast, device="cpu")
+                                       lr=3e-4, lr_end=3e-5, autocast=autocast, device="cpu")
         with open("/dev/null", "w") as null, contextlib.redirect_stderr(null):  # its tqdm bar
             SAETrainer(trainer_cfg, sae, data_provider=iter(lambda: x, None)).fit()
 
@@ -139,26 +140,41 @@ def posae_step(store: MemoryStore, variant: str, k: int, dtype: torch.dtype | No
     return repeat(lambda: train.train_step(state, store, cfg, 0, dtype, want_metrics=False))
 
 
-def final_mse(store: MemoryStore, dtype: torch.dtype | None, steps: int) -> float:
-    """Validation MSE of the baseline after `steps` steps (same seed and data order), on held-out tokens."""
-    n_train = len(store) - B
-    train_store = MemoryStore(store.x_ND[:n_train], store.pos_N[:n_train], store.meta["seq_len"])
-    cfg = variant_config(Config(train=TrainConfig(batch_size=B, steps=steps)), "baseline")
-    state = train.start(cfg, "baseline", 0, train_store)
-    for _ in range(steps):
-        train.train_step(state, train_store, cfg, 0, dtype, want_metrics=False)
-    x_BD = store.x_ND[n_train:]
-    pos_B = torch.from_numpy(store.pos_N[n_train:].astype(np.int64))
+def final_mse(dtype: torch.dtype | None, fallback: MemoryStore) -> tuple[float, str]:
+    """Validation MSE of the baseline trained as the default config trains it, with autocast `dtype`.
+
+    On the default layer-8 stores when captured (the default's batch, steps and schedule), else on
+    the Gaussian data with held-out tokens. Same seed, so same initialisation and data order.
+    """
+    cfg = load_config("default", check_model=False)
+    try:
+        train_store = ActivationStore.open(activations_dir(cfg.name, 8, "train"))
+        val = ActivationStore.open(activations_dir(cfg.name, 8, "val"))
+        idx = np.linspace(0, len(val) - 1, 16384).astype(np.int64)
+        x_BD, pos_N, where = val.normalised(idx), val.pos_N[idx], "default layer 8, 16k validation tokens"
+    except StoreError:
+        n = len(fallback) - B
+        train_store = MemoryStore(fallback.x_ND[:n], fallback.pos_N[:n], fallback.meta["seq_len"])
+        x_BD, pos_N, where = fallback.x_ND[n:], fallback.pos_N[n:], "Gaussian data, held-out tokens"
+    vcfg = variant_config(cfg, "baseline")
+    state = train.start(vcfg, "baseline", 0, train_store)
+    for _ in range(vcfg.train.steps):
+        stats = train.train_step(state, train_store, vcfg, 0, dtype, want_metrics=False)
+        train.maybe_resample(state, stats, vcfg.train, 0)
+    pos_B = torch.from_numpy(np.asarray(pos_N, dtype=np.int64))
     with torch.no_grad():
-        return float((state.sae(x_BD, pos_B).x_hat - x_BD).square().mean())
+        return float((state.sae(x_BD, pos_B).x_hat - x_BD).square().mean()), where
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores). On a shared "
+                    "machine 1 is far steadier: a two-thread op waits whenever another process holds a core")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="steps per round")
-    ap.add_argument("--recon-steps", type=int, default=100)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store, source = activations(B * 16)
     bf16 = train.autocast_dtype(TrainConfig())
     print(f"# Training step, d={D}, batch {B} tokens; {source}")
@@ -194,8 +210,9 @@ def main() -> None:
               f"matmul FLOPs at {flops / base / 1e9:.0f} GFLOP/s = {flops / base / 1e9 / peaks['bfloat16']:.0%} "
               f"of the bf16 peak; slowest variant {max(r['vs_baseline'] for r in rows if r['k'] == k and r['step'].startswith('posae') and 'fp32' not in r['step']):.2f}x the baseline\n")
 
-    fp32, low = final_mse(store, None, args.recon_steps), final_mse(store, bf16, args.recon_steps)
-    print(f"## Reconstruction after {args.recon_steps} steps (baseline, k = 640, seed 0, held-out tokens)\n")
+    (fp32, where), (low, _) = final_mse(None, store), final_mse(bf16, store)
+    steps = load_config("default", check_model=False).train.steps
+    print(f"## Reconstruction after training (baseline as params/default.yaml trains it: {steps} steps, seed 0; {where})\n")
     print(f"fp32 MSE {fp32:.4f}, bf16 autocast MSE {low:.4f}: bf16 is {low / fp32 - 1:+.2%} against fp32")
 
 

@@ -16,7 +16,8 @@ from posae.train import ReconLoss, batch_indices, lr_at, l1_at, train_run
 
 D, L, N_SEQ = 32, 16, 96
 SAE_CFG = SAEConfig(expansion=2.0, buckets=4, heads=2, head_dim=8)
-TRAIN_CFG = TrainConfig(seeds=(0,), steps=30, batch_size=64, lr=1e-2, l1=0.05, checkpoint_every=10, log_every=5)
+TRAIN_CFG = TrainConfig(seeds=(0,), steps=30, batch_size=64, lr=1e-2, lr_warmup=0.0, lr_decay=0.0, l1=0.05,
+                        l1_warmup=0.0, checkpoint_every=10, log_every=5)
 
 
 def synthetic_acts(n_seq: int = N_SEQ, seed: int = 0):
@@ -103,7 +104,7 @@ def test_schedules_are_functions_of_the_step():
     tcfg = TrainConfig(steps=100, lr=1.0, lr_warmup=0.1, lr_decay=0.2, l1=0.5, l1_scale=2.0, l1_warmup=0.5)
     assert lr_at(0, tcfg) == pytest.approx(0.1) and lr_at(50, tcfg) == 1.0 and lr_at(99, tcfg) == pytest.approx(0.05)
     assert l1_at(49, tcfg) == pytest.approx(1.0) and l1_at(24, tcfg) == pytest.approx(0.5)
-    assert lr_at(7, TrainConfig(lr=3e-4)) == 3e-4
+    assert lr_at(7, TrainConfig(lr=3e-4, lr_warmup=0.0, lr_decay=0.0)) == 3e-4
 
 
 def test_batches_cover_each_epoch_once_and_depend_on_the_seed():

@@ -17,7 +17,7 @@ from posae.saes.hierarchical import Hierarchical, HierarchicalOptions
 @dataclass(frozen=True)
 class ContrastiveOptions(HierarchicalOptions):
     temperature: float = _f(0.1, "InfoNCE temperature τ on cosine similarities", min=1e-4)
-    weight: float = _f(1.0, "λ2, the InfoNCE term's weight in the objective (eq. 1)", min=0.0)
+    weight: float = _f(0.3, "λ2, the InfoNCE term's weight in the objective (eq. 1)", min=0.0)
     anchors: int = _f(1024, "tokens per batch scored against the prototypes (0: every token)", min=0)
 
 

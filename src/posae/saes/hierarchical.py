@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from posae.config import _f
 from posae.saes import register
+from posae.saes.base import vec_mat
 from posae.saes.grouped import GroupedSAE
 
 
@@ -102,7 +103,7 @@ class Hierarchical(GroupedSAE):
         # Queries read x − b_d like the rest of the encoder (the bias term is an [X] vector, not a [B, D]
         # pass), and carry the 1/√E of the scores, which saves a pass over the [H, B, T] scores.
         scale = E**-0.5
-        q_BX = torch.addmm(-(self.b_dec_D @ self.W_q_DX) * scale, x_BD, self.W_q_DX, alpha=scale)
+        q_BX = torch.addmm(-vec_mat(self.b_dec_D, self.W_q_DX) * scale, x_BD, self.W_q_DX, alpha=scale)
         q_HBE = q_BX.view(B, H, E).transpose(0, 1)
         k_HET = (p_TD @ self.W_k_DX).view(T, H, E).permute(1, 2, 0)
         v_HTE = (p_TD @ self.W_v_DX).view(T, H, E).transpose(0, 1)
