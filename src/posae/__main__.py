@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--force", action="append", metavar="STAGE", help="rerun STAGE even if up to date (repeatable, or comma-separated; 'train' = all training stages)")
     rep.add_argument("--only", action="append", metavar="STAGE", help="run only these stages")
     rep.add_argument("--variants", help="comma-separated variants to train (default: all registered)")
+    rep.add_argument("--jobs", type=int, help="training notebooks run side by side (default: 2 on 2+ cores)")
 
     cap = sub.add_parser("capture", help="capture activations for a config (what notebook 01 does)")
     cap.add_argument("--config", default="default")
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 reproduce(args.config, force=_split(args.force), only=_split(args.only),
-                          variants=list(_split([args.variants])) if args.variants else None)
+                          variants=list(_split([args.variants])) if args.variants else None, jobs=args.jobs)
             except StageFailed as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -41,6 +42,11 @@ def record_environment(cfg: Config) -> None:
 def setup(config: str) -> Config:
     """Load and validate `config` (a name under params/ or a path), record the environment, style plots."""
     cfg = load_config(config)
+    threads = os.environ.get("POSAE_THREADS")
+    if threads:  # the driver runs kernels side by side, each with its share of the cores
+        import torch
+
+        torch.set_num_threads(int(threads))
     record_environment(cfg)
     from posae.plots import set_style
 
