@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from posae.config import load_config
+from posae.figures import figures_dir
 from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
 from posae.reproduce import Stage, StageFailed, UnknownStage, execute, fingerprint, plan, reproduce
 
@@ -23,6 +24,7 @@ def test_every_stage_runs_and_renders(smoke_reproduction):
     for stage in plan(load_config("smoke")):
         assert (out / f"{stage.output_stem}.ipynb").exists()
         assert (out / f"{stage.output_stem}.html").stat().st_size > 10_000
+        assert (figures_dir("smoke") / "notebooks" / f"{stage.output_stem}.html").exists()
 
 
 def test_a_second_run_skips_every_stage(smoke_reproduction):

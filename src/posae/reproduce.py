@@ -195,8 +195,19 @@ def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[
             rows.append(run_one(i, stage))
         elif (i, stage) == trains[0]:
             rows.extend(_run_parallel(run_one, trains, jobs))
+    publish_renders(cfg)
     log(f"all {total} stages finished in {_fmt(time.perf_counter() - start)}")
     return rows
+
+
+def publish_renders(cfg: Config) -> Path:
+    """Copy the HTML renders beside the figures, so a reader sees every notebook without running one."""
+    from posae.figures import figures_dir
+
+    out = figures_dir(cfg.name) / "notebooks"
+    for html in sorted((run_dir(cfg.name) / "notebooks").glob("*.html")):
+        write_text_atomic(out / html.name, html.read_text())
+    return out
 
 
 def _run_parallel(run_one: Callable[[int, Stage], dict], stages: list[tuple[int, Stage]], jobs: int) -> list[dict]:
