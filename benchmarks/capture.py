@@ -1,6 +1,6 @@
 """Capture benchmark: matmul peaks, forward throughput against the naive way, load times, peak RSS.
 
-    .venv/bin/python benchmarks/capture.py [--quick]
+    .venv/bin/python benchmarks/capture.py [--threads N] [--quick]
 
 Everything runs offline on the default config's model (Gemma 3 270M) and layers (3, 8, 13), in one
 run so that the ratios compare like with like. Prints a Markdown report for benchmarks/README.md.
@@ -65,6 +65,9 @@ def forward_rate(model, seqs_SL, batch_size: int, n_batches: int, layers, naive:
 _CAPTURE_CHILD = """
 import dataclasses, json, sys, threading, time
 import psutil
+import torch
+if sys.argv[2] != "0":
+    torch.set_num_threads(int(sys.argv[2]))
 from posae import models
 from posae.capture import capture
 from posae.config import load_config
@@ -98,10 +101,10 @@ print(json.dumps({"tokens": tokens, "total_s": t1 - t0, "loop_tok_s": tokens / (
 """
 
 
-def capture_run(n_per_split: int, runs: Path) -> dict:
+def capture_run(n_per_split: int, runs: Path, threads: int) -> dict:
     """A whole capture of n train + n val sequences in a fresh process: its tokens/s and peak RSS."""
     env = {**os.environ, "POSAE_RUNS": str(runs)}
-    out = subprocess.run([sys.executable, "-c", _CAPTURE_CHILD, str(n_per_split)], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", _CAPTURE_CHILD, str(n_per_split), str(threads)], env=env, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -109,7 +112,11 @@ def capture_run(n_per_split: int, runs: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches and smaller corpora (a check, not a figure)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default, one per core); 1 is reproducible on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scale = 1 if args.quick else 2
     cfg = load_config("default")
     layers = list(cfg.capture.layers)
@@ -117,34 +124,34 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU native bf16: "
           f"{models.cpu_has_native_bf16()}, load average at start {load_before[0]:.2f}", file=sys.stderr)
 
+    # The throughput figures come first and quickly: on a shared machine, a quiet window is short.
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    models.gemma3_cache()  # the real cache exists before the warm timing
+    t0 = time.perf_counter()
+    tok = models.load_tokenizer(cfg.model)
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fp32 = models.load_model(dataclasses.replace(cfg.model, dtype="float32"), tokenizer=tok)
+    t_model = time.perf_counter() - t0
+    seqs = corpus.load_sequences(dataclasses.replace(cfg.corpus, n_train=16 * 9 * scale, n_val=1), tok).train_SL
+    bs = cfg.capture.batch_size
+    rates = {"naive": forward_rate(fp32.model, seqs, bs, scale, layers, naive=True),
+             "fp32_early": forward_rate(fp32.model, seqs, bs, 2 * scale, layers, naive=False)}
+    del fp32
+    bf16 = models.load_model(dataclasses.replace(cfg.model, dtype="bfloat16"), tokenizer=tok)
+    rates["bf16_early"] = forward_rate(bf16.model, seqs, bs, 4 * scale, layers, naive=False)
+    n_early = cap.params_run(bf16.model, max(layers))
+    n_full = cap.params_run(bf16.model, bf16.info.num_layers - 1) + bf16.model.lm_head.weight.numel()
+    del bf16
+    load_mid = os.getloadavg()
+
     with tempfile.TemporaryDirectory(prefix="posae-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         models.build_gemma3_cache(tmp / "cold-cache")  # assemble GGUF, dequantise, save safetensors + tokenizer
         cold = time.perf_counter() - t0
-
-        models.gemma3_cache()  # the real cache exists before the warm timing
-        t0 = time.perf_counter()
-        tok = models.load_tokenizer(cfg.model)
-        t_tok = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fp32 = models.load_model(dataclasses.replace(cfg.model, dtype="float32"), tokenizer=tok)
-        t_model = time.perf_counter() - t0
-
-        peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
-        seqs = corpus.load_sequences(dataclasses.replace(cfg.corpus, n_train=16 * 9 * scale, n_val=1), tok).train_SL
-        bs = cfg.capture.batch_size
-        rates = {"naive": forward_rate(fp32.model, seqs, bs, 2 * scale, layers, naive=True),
-                 "fp32_early": forward_rate(fp32.model, seqs, bs, 3 * scale, layers, naive=False)}
-        del fp32
-        bf16 = models.load_model(dataclasses.replace(cfg.model, dtype="bfloat16"), tokenizer=tok)
-        rates["bf16_early"] = forward_rate(bf16.model, seqs, bs, 8 * scale, layers, naive=False)
-        n_early = cap.params_run(bf16.model, max(layers))
-        n_full = cap.params_run(bf16.model, bf16.info.num_layers - 1) + bf16.model.lm_head.weight.numel()
-        del bf16
-
         small, large = (50, 200) if args.quick else (100, 1000)
-        runs = [capture_run(n, tmp / "runs") for n in (small, large)]
+        runs = [capture_run(n, tmp / "runs", args.threads) for n in (small, large)]
     load_after = os.getloadavg()
 
     def mfu(rate: float, params: int, dtype: str) -> float:
@@ -165,7 +172,8 @@ def main() -> None:
     print(f"| cold load: GGUF -> safetensors cache | {cold:.1f} s |")
     print(f"| warm load from the cache | {t_model + t_tok:.1f} s (model {t_model:.1f} s + tokenizer {t_tok:.1f} s) |")
     print(f"| parameters run | early exit {n_early / 1e6:.1f} M, full model {n_full / 1e6:.1f} M (embedding lookup not counted) |")
-    print(f"| load average (2 cores) | {load_before[0]:.2f} at start, {load_after[0]:.2f} at end |")
+    print(f"| load average (1 min, 2 cores) | {load_before[0]:.2f} at start, {load_mid[0]:.2f} after the "
+          f"throughput figures, {load_after[0]:.2f} at end |")
     rss_growth = runs[1]["loop_rss"] / runs[0]["loop_rss"]
     checks = {
         "bf16 capture >= 2,500 tok/s": e16 >= 2500,

@@ -189,7 +189,7 @@ def _capture_split(loaded: Any, seqs_SL: np.ndarray, out: dict[int, Path], metas
                    stats: dict[int, Any], batch_size: int, exclude_bos: bool, progress: bool, desc: str) -> None:
     """One pass over `seqs_SL`, streaming every layer in `out` into its own store."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from posae.store import StoreWriter
 

@@ -165,7 +165,7 @@ def load_sequences(corpus_cfg: CorpusConfig, tokenizer: Any, progress: bool = Fa
 
     `path` is the config file, named in errors.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bos = tokenizer.bos_token_id
     if bos is None:

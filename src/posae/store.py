@@ -17,12 +17,13 @@ of the centred training activations is d. Both live in the store; `normalised` a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
+from numpy.lib.format import dtype_to_descr, write_array_header_1_0
 
 from posae.paths import atomic_dir, clean_stale_temps
 
@@ -37,6 +38,30 @@ class StoreError(RuntimeError):
 
 def _to_bf16_bits(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+class _NpyAppender:
+    """A .npy file of known shape written front to back through a plain file handle.
+
+    Sequential writes go through the page cache, not a memory map, so the writer's resident memory
+    stays flat however many tokens are captured (a written memmap keeps its dirty pages resident).
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._fh = open(path, "wb")
+        write_array_header_1_0(self._fh, {"descr": dtype_to_descr(self.dtype), "fortran_order": False,
+                                          "shape": shape})
+        self.header_bytes = self._fh.tell()
+
+    def write(self, arr: np.ndarray) -> None:
+        self._fh.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
 
 
 class StoreWriter:
@@ -55,17 +80,16 @@ class StoreWriter:
         self._sum_D = np.zeros(d_model, dtype=np.float64)
         self._sumsq = 0.0
         self._absmax = 0.0
+        self._storage = "float16"
 
     def __enter__(self) -> "StoreWriter":
         clean_stale_temps(self.path.parent)
         self._ctx = atomic_dir(self.path)
         self._tmp = self._ctx.__enter__()
         N, D = self.n_tokens, self.d_model
-        # Written as float16 bits; converted to bfloat16 bits at the end only if a value overflows.
-        self._acts = open_memmap(self._tmp / "acts.npy", mode="w+", dtype=np.uint16, shape=(N, D))
-        self._acts_bf16 = None
-        self._idx = {name: open_memmap(self._tmp / f"{name}.npy", mode="w+", dtype=np.int32, shape=(N,))
-                     for name in ("tokens", "pos", "seq")}
+        # float16 bits until a value overflows float16's range; then bfloat16 bits (see _switch_to_bf16).
+        self._acts = _NpyAppender(self._tmp / "acts.npy", np.uint16, (N, D))
+        self._idx = {name: _NpyAppender(self._tmp / f"{name}.npy", np.int32, (N,)) for name in ("tokens", "pos", "seq")}
         return self
 
     def append(self, acts_BD, tokens_B, pos_B, seq_B) -> None:
@@ -80,28 +104,34 @@ class StoreWriter:
         self._sum_D += x32_BD.sum(0, dtype=torch.float64).numpy()
         self._sumsq += float(x32_BD.pow(2).sum(dtype=torch.float64))
         self._absmax = max(self._absmax, float(x32_BD.abs().max()))
-        sl = slice(self._n, self._n + B)
-        self._acts[sl] = x32_BD.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
-        if self._absmax > _FP16_MAX and self._acts_bf16 is None:
+        if self._absmax > _FP16_MAX and self._storage == "float16":
             self._switch_to_bf16()
-        if self._acts_bf16 is not None:
-            self._acts_bf16[sl] = _to_bf16_bits(x32_BD)
+        if self._storage == "float16":
+            self._acts.write(x32_BD.to(torch.float16).view(torch.int16).numpy().view(np.uint16))
+        else:
+            self._acts.write(_to_bf16_bits(x32_BD))
         for name, arr in (("tokens", tokens_B), ("pos", pos_B), ("seq", seq_B)):
-            self._idx[name][sl] = np.asarray(arr, dtype=np.int32)
+            self._idx[name].write(np.asarray(arr))
         self._n += B
 
     def _switch_to_bf16(self) -> None:
-        """A value overflowed float16: keep bfloat16 bits from now on, converting the rows so far."""
-        self._acts_bf16 = open_memmap(self._tmp / "acts_bf16.npy", mode="w+", dtype=np.uint16,
-                                      shape=(self.n_tokens, self.d_model))
+        """A value overflowed float16: rewrite the rows so far as bfloat16 bits and go on in bfloat16."""
+        self._acts.close()
+        header = self._acts.header_bytes
+        fp16_path = self._acts.path.with_name("acts_fp16.npy")
+        self._acts.path.replace(fp16_path)
+        done = np.memmap(fp16_path, dtype=np.uint16, mode="r", offset=header, shape=(self._n, self.d_model))
+        self._acts = _NpyAppender(self._tmp / "acts.npy", np.uint16, (self.n_tokens, self.d_model))
         for s in range(0, self._n, 65536):
-            rows = torch.from_numpy(np.ascontiguousarray(self._acts[s:min(s + 65536, self._n)]).view(np.int16))
-            self._acts_bf16[s:s + rows.shape[0]] = _to_bf16_bits(rows.view(torch.float16).float())
+            rows = torch.from_numpy(np.array(done[s:min(s + 65536, self._n)]).view(np.int16))
+            self._acts.write(_to_bf16_bits(rows.view(torch.float16).float()))
+        del done
+        fp16_path.unlink()
+        self._storage = "bfloat16"
 
     def _finish(self) -> None:
         if self._n != self.n_tokens:
             raise StoreError(f"{self.path}: {self._n} tokens written, {self.n_tokens} announced")
-        storage = "float16" if self._acts_bf16 is None else "bfloat16"
         if self.stats_from is None:
             mean_D = self._sum_D / max(self._n, 1)
             centred_sq = self._sumsq / max(self._n, 1) - float(mean_D @ mean_D)
@@ -110,26 +140,25 @@ class StoreWriter:
         else:
             mean_D, scale = self.stats_from.mean_D.astype(np.float32), self.stats_from.scale
         np.save(self._tmp / "mean.npy", mean_D)
-        for arr in (self._acts, *self._idx.values()):
-            arr.flush()
-        if storage == "bfloat16":
-            self._acts_bf16.flush()
-            del self._acts, self._acts_bf16
-            (self._tmp / "acts_bf16.npy").replace(self._tmp / "acts.npy")
+        self._close_files()
         meta = {**self.meta, "format_version": FORMAT_VERSION, "count": self._n, "d_model": self.d_model,
-                "storage_dtype": storage, "scale": scale, "abs_max": self._absmax}
+                "storage_dtype": self._storage, "scale": scale, "abs_max": self._absmax}
         # meta.json last: a store without it is never opened.
         (self._tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
+    def _close_files(self) -> None:
+        for f in (self._acts, *self._idx.values()):
+            f.close()
+
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            try:
+        try:
+            if exc_type is None:
                 self._finish()
-            except BaseException as e:
-                self._ctx.__exit__(type(e), e, e.__traceback__)
-                raise
-        self._idx = {}
-        self._acts = self._acts_bf16 = None
+        except BaseException as e:
+            self._close_files()
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._close_files()
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
 
