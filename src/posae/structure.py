@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from posae.config import Config
-from posae.probes import fit_probe, position_bucket, split_by_sequence, stratified_subsample
+from posae.probes import probe_sample, raw_accuracy, stratified_subsample
 from posae.store import ActivationStore
 
 
@@ -45,15 +45,11 @@ def pca_by_position(store: ActivationStore, n_tokens: int = 4000, seed: int = 0)
 
 
 def raw_position_probe(store: ActivationStore, cfg: Config) -> dict[str, float]:
-    """Held-out accuracy of the position-bucket probe on raw (normalised) activations."""
-    seq_len, buckets = int(store.meta["seq_len"]), cfg.sae.buckets
-    pos_N, seq_N = np.asarray(store.pos_N), np.asarray(store.seq_N)
-    split = split_by_sequence(seq_N, cfg.probe.test_fraction, cfg.probe.seed)
-    n_train = int(cfg.probe.tokens * (1 - cfg.probe.test_fraction))
-    tr = stratified_subsample(split.train_idx, pos_N, n_train, cfg.probe.seed)
-    te = stratified_subsample(split.test_idx, pos_N, cfg.probe.tokens - n_train, cfg.probe.seed + 1)
-    y = position_bucket(pos_N, seq_len, buckets)
-    acc = fit_probe(store.normalised(tr).numpy(), y[tr], store.normalised(te).numpy(), y[te],
-                    max_iter=cfg.probe.max_iter, seed=cfg.probe.seed)
-    return {"probe/acc_raw": acc, "probe/chance": 1.0 / buckets,
-            "probe/train_tokens": float(len(tr)), "probe/test_tokens": float(len(te))}
+    """Held-out accuracy of the position-bucket probe on raw (normalised) activations.
+
+    The same sample as notebook 04's probes (`posae.probes.probe_sample`), so its acc_raw equals this.
+    """
+    sample = probe_sample(store, cfg.probe, cfg.sae.buckets)
+    acc = raw_accuracy(store, sample, cfg.probe.max_iter, cfg.probe.seed)
+    return {"probe/acc_raw": acc, "probe/chance": 1.0 / cfg.sae.buckets,
+            "probe/train_tokens": float(len(sample.train_rows)), "probe/test_tokens": float(len(sample.test_rows))}
