@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from posae.config import SAEConfig, _build
+from posae.config import SAEConfig, build_dataclass
 from posae.paths import atomic_dir, clean_stale_temps, run_dir
 from posae.saes import SAE, build
 
@@ -69,7 +69,7 @@ def load_sae(folder: Path | str, device: str | torch.device = "cpu") -> SAE:
     if info is None:
         raise FileNotFoundError(f"{folder}: no {INFO}, so no trained SAE here. Fix: train it with "
                                 "posae.train.train_variant (notebook 03_train)")
-    sae_cfg = _build(SAEConfig, info["config"]["sae"], f"{folder / INFO}: config.sae")
+    sae_cfg = build_dataclass(SAEConfig, info["config"]["sae"], f"{folder / INFO}: config.sae")
     sae = build(info["variant"], info["d_model"], sae_cfg, info["seq_len"], seed=info["seed"])
     weights = load_file(str(folder / WEIGHTS), device=str(device))
     sae.load_state_dict({k: v for k, v in weights.items() if not k.startswith(_NORM_PREFIX)})

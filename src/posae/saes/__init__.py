@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from posae.config import Config, ConfigError, SAEConfig, TrainConfig, _build, _read_yaml, to_dict
+from posae.config import Config, ConfigError, SAEConfig, TrainConfig, build_dataclass, read_yaml, to_dict
 from posae.paths import PARAMS_DIR
 from posae.saes.base import SAE, ForwardOutput, NoOptions, options_dict
 
@@ -66,7 +66,7 @@ def variant_path(name: str) -> Path:
 def parse_options(name: str, options: dict[str, Any], where: str = "sae.options") -> Any:
     """The variant's Options instance from a plain mapping, validated (unknown keys, types, ranges)."""
     cls = get(name).Options
-    return _build(cls, dict(options), where)
+    return build_dataclass(cls, dict(options), where)
 
 
 def build(name: str, d_model: int, sae_cfg: SAEConfig, seq_len: int, seed: int = 0) -> SAE:
@@ -80,7 +80,7 @@ def variant_config(cfg: Config, name: str) -> Config:
     """`cfg` with variant `name`'s YAML applied; its ``sae.options`` are the variant's own, validated."""
     get(name)  # an unknown name fails here, listing the known ones
     path = variant_path(name)
-    data = _read_yaml(path) if path.exists() else {}
+    data = read_yaml(path) if path.exists() else {}
     unknown = sorted(set(data) - {"sae", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r}. Fix: a variant file holds only 'sae' and 'train'")
@@ -94,9 +94,9 @@ def variant_config(cfg: Config, name: str) -> Config:
         raise ConfigError(f"{cfg.source}: sae.options.{name} must be a mapping of {name}'s options, got {per_config!r}")
     options = options_dict(parse_options(name, {**own, **per_config}, f"{path} + {cfg.source}: sae.options"))
     sae_dict = {**to_dict(cfg.sae), **sae_over, "options": {}}
-    sae = _build(SAEConfig, sae_dict, f"{path}: sae")
+    sae = build_dataclass(SAEConfig, sae_dict, f"{path}: sae")
     sae = dataclasses.replace(sae, options=options)
-    train = _build(TrainConfig, {**to_dict(cfg.train), **train_over}, f"{path}: train")
+    train = build_dataclass(TrainConfig, {**to_dict(cfg.train), **train_over}, f"{path}: train")
     return dataclasses.replace(cfg, sae=sae, train=train)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posae.config import _f
+from posae.config import doc_field
 from posae.saes import register
 from posae.saes.base import ForwardOutput
 from posae.saes.hierarchical import Hierarchical, HierarchicalOptions
@@ -16,9 +16,9 @@ from posae.saes.hierarchical import Hierarchical, HierarchicalOptions
 
 @dataclass(frozen=True)
 class ContrastiveOptions(HierarchicalOptions):
-    temperature: float = _f(0.1, "InfoNCE temperature τ on cosine similarities", min=1e-4)
-    weight: float = _f(0.3, "λ2, the InfoNCE term's weight in the objective (eq. 1)", min=0.0)
-    anchors: int = _f(1024, "tokens per batch scored against the prototypes (0: every token)", min=0)
+    temperature: float = doc_field(0.1, "InfoNCE temperature τ on cosine similarities", min=1e-4)
+    weight: float = doc_field(0.3, "λ2, the InfoNCE term's weight in the objective (eq. 1)", min=0.0)
+    anchors: int = doc_field(1024, "tokens per batch scored against the prototypes (0: every token)", min=0)
 
 
 def position_info_nce(z_BP: Tensor, pos_B: Tensor, n_positions: int, temperature: float,

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from posae.config import _f
+from posae.config import doc_field
 from posae.saes import register
 from posae.saes.base import vec_mat
 from posae.saes.grouped import GroupedSAE
@@ -17,9 +17,9 @@ from posae.saes.grouped import GroupedSAE
 
 @dataclass(frozen=True)
 class HierarchicalOptions:
-    position_init_std: float = _f(
+    position_init_std: float = doc_field(
         0.1, "std of the learned position embedding p_t at initialisation (inputs have unit per-dimension scale)", min=0.0)
-    gate_init: float = _f(0.0, "initial gate logit: σ(0) = 0.5 (SPEC §9); σ(−2) ≈ 0.12 is the paper's reported gate")
+    gate_init: float = doc_field(0.0, "initial gate logit: σ(0) = 0.5 (SPEC §9); σ(−2) ≈ 0.12 is the paper's reported gate")
 
 
 @register("hierarchical")

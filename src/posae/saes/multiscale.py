@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posae.config import _f
+from posae.config import doc_field
 from posae.saes import register
 from posae.saes.hierarchical import Hierarchical, HierarchicalOptions
 
 
 @dataclass(frozen=True)
 class MultiScaleOptions(HierarchicalOptions):
-    scales: tuple[int, ...] = _f((1, 4, 16), "position granularities: p_t = Σ_s E_s[⌊t/s⌋] (SPEC §9)")
+    scales: tuple[int, ...] = doc_field((1, 4, 16), "position granularities: p_t = Σ_s E_s[⌊t/s⌋] (SPEC §9)")
 
 
 @register("multiscale")

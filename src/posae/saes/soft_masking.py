@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posae.config import _f
+from posae.config import doc_field
 from posae.saes import register
 from posae.saes.grouped import GroupedSAE
 
 
 @dataclass(frozen=True)
 class SoftMaskingOptions:
-    mask_init: float = _f(0.0, "initial mask logit: σ(0) = 0.5, like the hierarchical gate (SPEC §9)")
+    mask_init: float = doc_field(0.0, "initial mask logit: σ(0) = 0.5, like the hierarchical gate (SPEC §9)")
 
 
 @register("soft_masking")
