@@ -82,7 +82,7 @@ class CorpusConfig:
     n_val: int = doc_field(1000, "validation sequences", min=1)
     max_docs: int | None = doc_field(None, "read at most this many documents (None: as many as needed)", min=1)
     seed: int = doc_field(0, "seed of the document shuffle that makes the split", min=0)
-    exclude_bos: bool = doc_field(True, "drop the BOS token's activation (its norm is ~14x the rest)")
+    exclude_bos: bool = doc_field(True, "drop the BOS token's activation (its norm is 5-15x the mean token norm in Gemma 3 270M)")
 
 
 @dataclass(frozen=True)

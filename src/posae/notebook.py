@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -12,6 +13,7 @@ from posae.config import Config, load_config
 from posae.paths import REPO_ROOT, run_dir, write_json_atomic, write_text_atomic
 
 
+@functools.lru_cache(maxsize=1)  # once per process: runs checkpoint often
 def git_commit() -> str:
     """The repository's commit, with '+dirty' when the work tree has changes; 'unknown' outside git."""
     try:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 import posae
-from posae import checkpoint
+from posae import checkpoint, notebook
 from posae.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from posae.paths import activations_dir, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
@@ -297,8 +297,6 @@ def autocast_dtype(tcfg: TrainConfig) -> torch.dtype | None:
         return torch.bfloat16
     return None
 
-
-@functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -484,13 +482,6 @@ def run_info(cfg: Config, variant: str, layer: int, seed: int, store: Activation
         "autocast": str(autocast_dtype(cfg.train)).replace("torch.", "") if autocast_dtype(cfg.train) else "float32",
         "diagnostics_start": (old or {}).get("diagnostics_start", sae.diagnostics()),
         "train_seconds": (old or {}).get("train_seconds", 0.0),
-        "run_hash": ident, "git_commit": git_commit(), "posae_version": posae.__version__,
+        "run_hash": ident, "git_commit": notebook.git_commit(), "posae_version": posae.__version__,
         "torch_version": torch.__version__, "steps": cfg.train.steps,
     }
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    from posae.notebook import git_commit as commit  # one definition of '+dirty' for every record
-
-    return commit()
