@@ -7,7 +7,7 @@ STAMP := $(VENV)/.posae-installed
 CONFIG ?= default
 PYTEST_ARGS ?=
 
-.PHONY: setup reproduce test test-real bench clean lock
+.PHONY: setup reproduce test test-real test-extras test-kill bench clean lock
 
 setup: $(STAMP)
 
@@ -28,6 +28,14 @@ test: setup
 
 test-real: setup
 	$(PY) -m pytest -q -m real $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# The optional extras (Dask executor, SAELens export), installed on demand.
+test-extras: setup
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,dask,saelens]'
+	$(PY) -m pytest -q -m extras $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-kill: setup
+	$(PY) -m pytest -q -m kill $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: setup
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
