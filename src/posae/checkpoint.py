@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from posae.config import SAEConfig, build_dataclass
@@ -31,15 +32,21 @@ WEIGHTS, INFO, METRICS, STATE = "weights.safetensors", "config.json", "metrics.j
 _NORM_PREFIX = "normalisation."
 
 
+class CheckpointMismatch(ValueError):
+    """A run folder holds another variant or shape than expected; the message names both and the fix."""
+
+
 def save_run(out: Path, sae: SAE, info: dict[str, Any], metrics: list[dict[str, Any]], mean_D: torch.Tensor,
              train_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the run folder `out` atomically; `train_state` None marks a finished run (no resume state kept)."""
     out = Path(out)
-    clean_stale_temps(out.parent)
-    weights = {k: v.detach().float().contiguous().clone() for k, v in sae.state_dict().items()}
+    clean_stale_temps(out.parent, out.name)
+    weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in sae.state_dict().items()}
     weights[_NORM_PREFIX + "mean_D"] = mean_D.detach().float().contiguous()
     with atomic_dir(out) as tmp:
-        save_file(weights, str(tmp / WEIGHTS), metadata={"variant": info["variant"], "format": str(FORMAT_VERSION)})
+        # One metadata key: safetensors writes the map in a random order, so with two the file's bytes (and
+        # the evaluation's eval_key, a hash of them) would differ between identical runs. The format is in INFO.
+        save_file(weights, str(tmp / WEIGHTS), metadata={"variant": info["variant"]})
         if train_state is not None:
             save_file({k: v.contiguous() for k, v in train_state.items()}, str(tmp / STATE))
         (tmp / METRICS).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
@@ -71,9 +78,29 @@ def load_sae(folder: Path | str, device: str | torch.device = "cpu") -> SAE:
                                 "posae.train.train_variant (notebook 03_train)")
     sae_cfg = build_dataclass(SAEConfig, info["config"]["sae"], f"{folder / INFO}: config.sae")
     sae = build(info["variant"], info["d_model"], sae_cfg, info["seq_len"], seed=info["seed"])
-    weights = load_file(str(folder / WEIGHTS), device=str(device))
-    sae.load_state_dict({k: v for k, v in weights.items() if not k.startswith(_NORM_PREFIX)})
+    with safe_open(str(folder / WEIGHTS), framework="pt", device=str(device)) as f:
+        saved_variant = (f.metadata() or {}).get("variant")
+        weights = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(_NORM_PREFIX)}
+    check_weights(folder, info, saved_variant, sae, weights)
+    sae.load_state_dict(weights)
     return sae.to(device).eval()
+
+
+def check_weights(folder: Path, info: dict[str, Any], saved_variant: str | None, sae: SAE,
+                  weights: dict[str, torch.Tensor]) -> None:
+    """The weights file must hold the SAE that config.json describes: its variant, tensors and shapes."""
+    fix = "Fix: the two files come from different runs; delete the folder and train it again"
+    if saved_variant is not None and saved_variant != info["variant"]:
+        raise CheckpointMismatch(f"{folder}: {WEIGHTS} holds a {saved_variant} SAE, but {INFO} describes a "
+                                 f"{info['variant']} SAE. {fix}")
+    want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            raise CheckpointMismatch(
+                f"{folder}: {WEIGHTS} does not fit the {info['variant']} SAE of {INFO} (d_model {info['d_model']}, "
+                f"k {info['k']}): {key} has shape {list(got[key]) if key in got else 'none (missing)'} in the "
+                f"weights, {list(want[key]) if key in want else 'none (not a parameter)'} expected. {fix}")
 
 
 def load_normalisation(folder: Path | str) -> tuple[torch.Tensor, float]:

@@ -6,22 +6,28 @@ default written here. ``params/variants/<variant>.yaml`` holds only what a varia
 
 Validation happens entirely in `load_config`, before any heavy work: an unknown key, a wrong type
 or a value out of range raises one `ConfigError` naming the file, the key and the fix.
+
+The environment variable ``POSAE_DEVICE`` (auto, cpu, cuda or mps) overrides ``model.device`` in
+every config `load_config` returns: the command line's ``--device`` sets it (`device_env`), so the
+notebooks that papermill starts, which inherit the environment, run on the same device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
-from posae.paths import PARAMS_DIR
+from posae.paths import PARAMS_DIR, REPO_ROOT
 
 
 class ConfigError(ValueError):
@@ -35,10 +41,20 @@ def doc_field(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata={"help": help, **checks})
 
 
+# Architectures of the 'random' model (transformers model types), each tested by tests/test_architectures.py.
+RANDOM_ARCHITECTURES = ("gemma3_text", "gemma2", "llama", "mistral", "qwen2", "phi", "gpt2", "gpt_neox", "opt")
+
+
 @dataclass(frozen=True)
 class RandomModelConfig:
-    """A tiny randomly initialised Gemma-3-style model, built from a transformers config (no download)."""
+    """A tiny randomly initialised causal LM, built from a transformers config (no download).
 
+    The sizes are generic; `posae.models.random_model` passes each to the architecture's config
+    under that config's own name, and `posae.models.describe` refuses sizes the architecture cannot take.
+    """
+
+    architecture: str = doc_field(
+        "gemma3_text", "transformers model type of the model", choices=RANDOM_ARCHITECTURES, omit_default=True)
     hidden_size: int = doc_field(64, "residual-stream width d", min=8)
     num_layers: int = doc_field(4, "decoder blocks", min=1)
     intermediate_size: int = doc_field(128, "MLP width", min=1)
@@ -65,7 +81,7 @@ class ModelConfig:
     trust_remote_code: bool = doc_field(False, "allow a hub model's own code to run (off unless asked for)")
     random: RandomModelConfig = field(
         default_factory=RandomModelConfig,
-        metadata={"help": "architecture of the 'random' model (smoke tests only)"},
+        metadata={"help": "architecture and sizes of the 'random' model (smoke runs and tests)"},
     )
 
 
@@ -164,7 +180,10 @@ class Config:
 def to_dict(obj: Any) -> Any:
     """A config (or part of one) as plain JSON-able data."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"}
+        # A field marked omit_default is left out at its default: added after stores were hashed, it
+        # leaves the content hashes of the configs that do not set it (and so their stores) as they were.
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"
+                and not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (tuple, list)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -236,6 +255,15 @@ def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check_parameter(name: str, value: Any, tp: Any, fix: str) -> Any:
+    """A notebook parameter checked against the annotation `tp` (papermill's -p infers types, so
+    `-p variant 3` arrives as an int); returns it converted (lists become tuples)."""
+    try:
+        return _coerce(value, tp, f"parameter {name}", {})
+    except ConfigError as e:
+        raise ConfigError(f"{str(e).split('. Fix:')[0]}. Fix: {fix}") from None
+
+
 def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -247,12 +275,22 @@ def read_yaml(path: Path) -> dict:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """`default` -> params/default.yaml; a path is taken as it is."""
+    """`default` -> params/default.yaml; a relative YAML path is looked up in the working directory,
+    then at the repository root (a papermill kernel runs wherever papermill was started)."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise ConfigError(
+            f"parameter config: expected a config name or a YAML path, got {name_or_path!r} "
+            f"({type(name_or_path).__name__}). Fix: pass a string such as 'smoke'; papermill's -p reads a "
+            f"number as a number, -r config <value> passes it as a string")
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.exists():
-            raise ConfigError(f"{p}: no such config file. Fix: give a path to a YAML file or a name from {PARAMS_DIR}")
-        return p
+        if p.exists():
+            return p
+        if not p.is_absolute() and (REPO_ROOT / p).exists():
+            return REPO_ROOT / p
+        where = str(Path.cwd()) if p.is_absolute() else f"{Path.cwd()} and {REPO_ROOT}"
+        raise ConfigError(f"{p}: no such config file (looked in {where}). Fix: give a path to a YAML file "
+                          f"or a name from {PARAMS_DIR}")
     candidate = PARAMS_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
         known = sorted(q.stem for q in PARAMS_DIR.glob("*.yaml"))
@@ -271,8 +309,44 @@ def load_config(name_or_path: str | Path = "default", check_model: bool = True) 
     data.setdefault("name", path.stem)
     cfg = build_dataclass(Config, data, f"{path}: ")
     cfg = dataclasses.replace(cfg, source=str(path))
+    device = device_override()
+    if device is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
     _check_semantics(cfg, path, check_model)
     return cfg
+
+
+DEVICE_ENV = "POSAE_DEVICE"
+
+
+def device_override() -> str | None:
+    """The device POSAE_DEVICE names (set by `--device`), checked; None when it is unset or empty."""
+    value = os.environ.get(DEVICE_ENV, "").strip()
+    if not value:
+        return None
+    choices = ModelConfig.__dataclass_fields__["device"].metadata["choices"]
+    if value not in choices:
+        raise ConfigError(f"{DEVICE_ENV}={value!r} (--device): not one of {', '.join(choices)}. "
+                          f"Fix: use one of them, or unset {DEVICE_ENV} to take model.device from the config")
+    return value
+
+
+@contextlib.contextmanager
+def device_env(device: str | None) -> Iterator[None]:
+    """Set POSAE_DEVICE inside the block (nothing when `device` is None) and restore it after."""
+    if device is None:
+        yield
+        return
+    old = os.environ.get(DEVICE_ENV)
+    os.environ[DEVICE_ENV] = device
+    try:
+        device_override()  # a bad value fails here, once, rather than in every notebook
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(DEVICE_ENV, None)
+        else:
+            os.environ[DEVICE_ENV] = old
 
 
 def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
@@ -301,6 +375,9 @@ def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
                 f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}"
             )
         corpus.check(cfg.corpus, path)
+        from posae.saes import check_variants  # late import: torch
+
+        check_variants(cfg)  # sae.options' variant names and every params/variants/*.yaml
 
 
 def field_help(cls: type) -> dict[str, str]:

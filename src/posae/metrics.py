@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from posae import checkpoint
-from posae.config import Config
+from posae import checkpoint, models
+from posae.config import Config, check_parameter
 from posae.paths import atomic_path, run_dir
 from posae.saes import SAE, get, variant_config
 from posae.store import ActivationStore, open_layer_stores
@@ -115,28 +115,30 @@ def accumulate(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int 
     Sums within a chunk are float32 and across chunks float64. The error without a group uses
     that every variant's decoder is x̂ = f W_dec + (terms that do not depend on f) (`SAE.decode`),
     so zeroing the group adds back f_group W_dec[group]: half a decoder matmul per group.
+    Runs on the SAE's device (`checkpoint.load_sae(folder, device)`); only the per-chunk sums come back.
     """
     groups = sae.probe_groups()
     s = Sums(sae.d_model, sae.k, store_seq_len(store), groups, sae.groups is not None)
     W_dec_KD = sae.W_dec_KD.float()
+    device = W_dec_KD.device
     for start in range(0, len(rows_N), chunk):
         idx = rows_N[start:start + chunk]
-        x_BD = store.normalised(idx)
-        pos_B = torch.from_numpy(np.asarray(store.pos_N[idx], dtype=np.int64))
+        x_BD = store.normalised(idx).to(device)
+        pos_B = torch.from_numpy(np.asarray(store.pos_N[idx], dtype=np.int64)).to(device)
         f_BK = sae.encode(x_BD, pos_B).float()
         r_BD = x_BD - sae.decode(f_BK, pos_B).float()
         err_B = r_BD.square().sum(1)
         s.n += len(idx)
         s.sq_err += float(err_B.sum())
         s.x_sq += float(x_BD.square().sum())
-        s.x_sum_D += x_BD.sum(0).numpy()
-        pos_np = pos_B.numpy()
-        s.sq_err_T += np.bincount(pos_np, weights=err_B.numpy(), minlength=s.seq_len)
+        s.x_sum_D += x_BD.sum(0).cpu().numpy()
+        pos_np = pos_B.cpu().numpy()
+        s.sq_err_T += np.bincount(pos_np, weights=err_B.cpu().numpy(), minlength=s.seq_len)
         s.count_T += np.bincount(pos_np, minlength=s.seq_len)
-        s.act_sum_K += f_BK.sum(0).numpy()
-        s.act_sq_K += f_BK.square().sum(0).numpy()
-        s.fired_K += (f_BK > 0).sum(0).numpy()
-        s.act_sum_TK += torch.zeros(s.seq_len, s.n_features).index_add_(0, pos_B, f_BK).numpy()
+        s.act_sum_K += f_BK.sum(0).cpu().numpy()
+        s.act_sq_K += f_BK.square().sum(0).cpu().numpy()
+        s.fired_K += (f_BK > 0).sum(0).cpu().numpy()
+        s.act_sum_TK += torch.zeros(s.seq_len, s.n_features, device=device).index_add_(0, pos_B, f_BK).cpu().numpy()
         for name, r in groups.items():
             back_BD = f_BK[:, r.start:r.stop] @ W_dec_KD[r.start:r.stop]
             s.sq_err_without[name] += float((r_BD + back_BD).square().sum())
@@ -251,7 +253,11 @@ def as_variant_list(variants: str | Iterable[str] | None) -> list[str] | None:
     """None, a list, or a comma-separated string (what `papermill -p variants a,b` passes)."""
     if variants is None:
         return None
-    names = [v.strip() for v in variants.split(",")] if isinstance(variants, str) else list(variants)
+    if isinstance(variants, str):
+        names = [v.strip() for v in variants.split(",")]
+    else:
+        names = list(check_parameter("variants", variants, tuple[str, ...],
+                                     'give a list or a comma-separated string, e.g. papermill -p variants baseline,contrastive'))
     names = [n for n in names if n]
     for name in names:
         get(name)  # an unknown name fails here, listing the known ones
@@ -295,11 +301,11 @@ def eval_key(folder: Path, store: ActivationStore, n_sequences: int | None, seed
 
 
 def evaluate_run(folder: Path, store: ActivationStore, rows_N: np.ndarray, buckets: int,
-                 chunk: int = 4096) -> Evaluation:
+                 chunk: int = 4096, device: torch.device | str = "cpu") -> Evaluation:
     """Load one run and evaluate it on the store's rows `rows_N`: one-row frames tagged with its identity."""
     check_normalisation(folder, store)
     info = checkpoint.read_info(folder)
-    sae = checkpoint.load_sae(folder)
+    sae = checkpoint.load_sae(folder, device)
     s = accumulate(sae, store, rows_N, chunk)
     ident = {"variant": info["variant"], "layer": info["layer"], "seed": info["seed"]}
     grouping = "learned" if s.learned_groups else "arbitrary"
@@ -316,6 +322,7 @@ def evaluate_all(cfg: Config, variants: str | Iterable[str] | None = None, progr
     `write` saves the tables there (atomically), keeping other variants' rows when `variants` is a subset.
     """
     names = as_variant_list(variants)
+    device = models.resolve_device(cfg.model.device)  # a device that is not there fails before any work
     folders = find_runs(cfg, names)
     stores = open_layer_stores(cfg, "val")
     rows = {layer: eval_rows(store, cfg.probe.eval_sequences, cfg.probe.seed) for layer, store in stores.items()}
@@ -327,7 +334,7 @@ def evaluate_all(cfg: Config, variants: str | Iterable[str] | None = None, progr
         key = eval_key(folder, store, cfg.probe.eval_sequences, cfg.probe.seed, cfg.sae.buckets)
         cached = _cached(old, info, key)
         if cached is None:
-            ev = evaluate_run(folder, store, rows[info["layer"]], cfg.sae.buckets)
+            ev = evaluate_run(folder, store, rows[info["layer"]], cfg.sae.buckets, device=device)
             cached = Evaluation(*(df.assign(eval_key=key) for df in ev))
         parts.append(cached)
     result = Evaluation(*(_ordered(pd.concat([p[i] for p in parts], ignore_index=True)) for i in range(3)))

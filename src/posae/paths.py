@@ -8,6 +8,8 @@ directory (papermill runs notebooks from notebooks/ or from the root). ``POSAE_R
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -60,6 +62,36 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _explain_disk_full(e: OSError, path: Path) -> OSError:
+    """A full disk or quota, said with the product it hit and the fix; any other error unchanged."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return e
+    err = OSError(e.errno, f"{path}: no space left on the device while writing it ({e.strerror}); the previous "
+                  "version, if any, is kept. Fix: free disk space, or set POSAE_RUNS to a folder on a larger disk, "
+                  "and rerun (finished products are reused)")
+    err.__cause__ = e
+    return err
+
+
+class OutputNotWritable(OSError):
+    """An output folder cannot be created or written; the message names it and the fix."""
+
+
+def check_writable(folder: Path | str) -> Path:
+    """Create `folder` and write a probe file in it, so that an unwritable output fails before any work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputNotWritable(e.errno, f"{folder}: cannot write the run's products here ({e.strerror}: "
+                                         f"{e.filename}). Fix: make the folder writable, or set POSAE_RUNS "
+                                         "to a writable folder") from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
@@ -75,6 +107,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        raise _explain_disk_full(e, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -106,16 +140,30 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the previous version back rather than leave nothing at `path`
+                os.replace(old, path)
+            raise
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise _explain_disk_full(e, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_stale_temps(folder: Path) -> None:
-    """Remove temp files and folders a killed writer left in `folder` (names start with '.' and end in .tmp)."""
+def clean_stale_temps(folder: Path, name: str | None = None) -> None:
+    """Remove temp files and folders a killed writer left in `folder`: ``.<name>.<random>.tmp``, and the
+    ``.<name>.old-<pid>`` that `atomic_dir` moves aside (a kill between its two renames leaves it behind;
+    `<name>` is then missing, so its writer runs again).
+
+    Pass the `name` about to be written to touch only its leftovers: writers of its siblings may be
+    live in other processes (the Dask executor trains the seeds of one layer side by side).
+    """
+    pattern = "*" if name is None else glob.escape(name)
     if folder.exists():
-        for p in folder.glob(".*.tmp"):
+        for p in [*folder.glob(f".{pattern}.*.tmp"), *folder.glob(f".{pattern}.old-*")]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -36,7 +36,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from posae import checkpoint
+from posae import checkpoint, models
 from posae.config import Config, ProbeConfig
 from posae.metrics import as_variant_list, check_normalisation, find_runs, progress_iter, write_csv_atomic
 from posae.paths import run_dir
@@ -141,12 +141,13 @@ def probe_sample(store: ActivationStore, probe_cfg: ProbeConfig, buckets: int) -
 
 @torch.inference_mode()
 def encode_rows(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """The SAE's features of the store's rows `rows_N`, float32 [N, K]."""
+    """The SAE's features of the store's rows `rows_N`, float32 [N, K], computed on the SAE's device."""
+    device = sae.W_dec_KD.device
     parts = []
     for start in range(0, len(rows_N), chunk):
         idx = rows_N[start:start + chunk]
-        pos_B = torch.from_numpy(np.asarray(store.pos_N[idx], dtype=np.int64))
-        parts.append(sae.encode(store.normalised(idx), pos_B).float().numpy())
+        pos_B = torch.from_numpy(np.asarray(store.pos_N[idx], dtype=np.int64)).to(device)
+        parts.append(sae.encode(store.normalised(idx).to(device), pos_B).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, sae.k), dtype=np.float32)
 
 
@@ -182,6 +183,7 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
     against the validation store's normalisation.
     """
     names = as_variant_list(variants)
+    device = models.resolve_device(cfg.model.device)  # the SAEs encode there; the probes fit on the CPU
     folders = find_runs(cfg, names)
     stores = open_layer_stores(cfg, "val")
     pc, buckets = cfg.probe, cfg.sae.buckets
@@ -193,7 +195,7 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
         info = checkpoint.read_info(folder)
         store, sample = stores[info["layer"]], samples[info["layer"]]
         check_normalisation(folder, store)
-        result = probe_sae(checkpoint.load_sae(folder), store, sample, buckets, pc.max_iter, pc.seed)
+        result = probe_sae(checkpoint.load_sae(folder, device), store, sample, buckets, pc.max_iter, pc.seed)
         rows.append({"variant": info["variant"], "layer": info["layer"], "seed": info["seed"], **result,
                      "acc_raw": raw[info["layer"]], "train_tokens": len(sample.train_rows),
                      "test_tokens": len(sample.test_rows)})

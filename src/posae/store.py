@@ -6,7 +6,8 @@ Layout of ``runs/<config>/activations/layer_<L>/<split>/``::
                  else bfloat16 bits kept as uint16 (numpy has no bfloat16)
     tokens.npy   [N] token ids      pos.npy [N] position in the sequence      seq.npy [N] sequence id
     mean.npy     [D] training mean (float32), used to centre
-    meta.json    model, layer, split, dtypes, count, d_model, scale, content hash, ...
+    meta.json    model, layer, split, dtypes, count, d_model, scale, content hash, the config settings
+                 it was captured under (a reader refuses a stale store: `open_layer_stores`), ...
 
 Stores are written into a temporary folder and renamed into place once complete (`atomic_dir`), so
 a folder named like a store with a meta.json is always whole. Normalisation (SPEC §4, §9): centre
@@ -16,6 +17,7 @@ of the centred training activations is d. Both live in the store; `normalised` a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -59,9 +61,11 @@ class _NpyAppender:
 
     def close(self) -> None:
         if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            finally:  # a full disk fails the flush: the handle is closed all the same
+                self._fh.close()
 
 
 class StoreWriter:
@@ -83,7 +87,7 @@ class StoreWriter:
         self._storage = "float16"
 
     def __enter__(self) -> "StoreWriter":
-        clean_stale_temps(self.path.parent)
+        clean_stale_temps(self.path.parent, self.path.name)
         self._ctx = atomic_dir(self.path)
         self._tmp = self._ctx.__enter__()
         N, D = self.n_tokens, self.d_model
@@ -147,18 +151,26 @@ class StoreWriter:
         (self._tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     def _close_files(self) -> None:
+        errors = []
         for f in (self._acts, *self._idx.values()):
-            f.close()
+            try:
+                f.close()
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             if exc_type is None:
                 self._finish()
         except BaseException as e:
-            self._close_files()
+            with contextlib.suppress(OSError):  # the first error is the one to report
+                self._close_files()
             self._ctx.__exit__(type(e), e, e.__traceback__)
             raise
-        self._close_files()
+        with contextlib.suppress(OSError):  # closed already by _finish, or an error is on its way out
+            self._close_files()
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
 
@@ -243,11 +255,40 @@ def write_store(path: Path | str, acts_ND, tokens_N, pos_N, seq_N, meta: dict[st
     return ActivationStore.open(path)
 
 
-def open_layer_stores(cfg, split: str) -> dict[int, ActivationStore]:
-    """The stores of every configured layer for `split` ('train' or 'val'), checked complete."""
+def open_layer_stores(cfg, split: str, layers: list[int] | None = None) -> dict[int, ActivationStore]:
+    """The stores of `layers` (default: every configured layer) for `split` ('train' or 'val'),
+    checked complete and captured under `cfg`'s current model, corpus and capture settings."""
+    from posae.capture import store_settings
     from posae.paths import activations_dir
 
-    return {layer: ActivationStore.open(activations_dir(cfg.name, layer, split)) for layer in cfg.capture.layers}
+    stores = {}
+    for layer in cfg.capture.layers if layers is None else layers:
+        store = ActivationStore.open(activations_dir(cfg.name, layer, split))
+        check_settings(store, store_settings(cfg, layer), cfg.source)
+        stores[layer] = store
+    return stores
+
+
+def check_settings(store: ActivationStore, settings: dict[str, Any], source: str) -> None:
+    """Refuse a stale store: one whose recorded settings differ from the config's (stores written
+    before settings were recorded, or by hand, carry none and pass)."""
+    old = store.meta.get("settings")
+    if old is None:
+        return
+    new = json.loads(json.dumps(settings))  # tuples as lists, as meta.json holds them
+    for key, was, now in _differences(old, new, ""):
+        raise StoreError(f"{store.path}: stale store: captured with {key} = {was!r}, but {source} now says {now!r}. "
+                         "Fix: run notebooks/01_capture_activations.ipynb for this config (it recaptures the "
+                         "stale stores only)")
+
+
+def _differences(old: Any, new: Any, key: str):
+    """(dotted key, old value, new value) for each leaf where two nested mappings differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+    elif old != new:
+        yield key, old, new
 
 
 def summary(stores: dict) -> "pd.DataFrame":

@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 import posae
-from posae import checkpoint, notebook
-from posae.config import Config, ConfigError, TrainConfig, load_config, to_dict
-from posae.paths import activations_dir, sae_dir
+from posae import checkpoint, models, notebook
+from posae.config import Config, ConfigError, TrainConfig, check_parameter, load_config, to_dict
+from posae.paths import clean_stale_temps, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
-from posae.store import ActivationStore
+from posae.store import ActivationStore, open_layer_stores
 
 # --------------------------------------------------------------------------- public entry point
 
@@ -53,14 +53,18 @@ def train_variant(cfg: Config | str, variant: str, layers: list[int] | None = No
     opened before the first step, so a wrong name fails at once.
     """
     cfg = load_config(cfg, check_model=False) if isinstance(cfg, (str, Path)) else cfg
+    variant = check_parameter("variant", variant, str, "give a variant name, e.g. papermill -p variant contrastive")
+    layers = check_parameter("layers", layers, tuple[int, ...] | None, 'give a list, e.g. papermill -y "layers: [8]"')
+    seeds = check_parameter("seeds", seeds, tuple[int, ...] | None, 'give a list, e.g. papermill -y "seeds: [0]"')
     vcfg = variant_config(cfg, variant)  # an unknown variant fails here, listing the known ones
+    device = models.resolve_device(cfg.model.device)  # a device that is not there fails before any store is read
     layers = list(cfg.capture.layers if layers is None else layers)
     seeds = list(vcfg.train.seeds if seeds is None else seeds)
     bad = [l for l in layers if l not in cfg.capture.layers]
     if bad:
         raise ConfigError(f"{cfg.source}: layer {bad[0]} is not captured. Fix: use one of {list(cfg.capture.layers)}")
-    stores = {l: ActivationStore.open(activations_dir(cfg.name, l, "train")) for l in layers}
-    return [train_run(vcfg, variant, layer, seed, stores[layer], progress=progress)
+    stores = open_layer_stores(cfg, "train", layers)  # missing, corrupt or stale stores fail here
+    return [train_run(vcfg, variant, layer, seed, stores[layer], progress=progress, device=device)
             for layer in layers for seed in seeds]
 
 
@@ -89,26 +93,39 @@ class StepStats:
     err_sq_B: Tensor  # its squared reconstruction errors
     terms: dict[str, float] = field(default_factory=dict)  # loss terms, on logging steps
     metrics: dict[str, float] = field(default_factory=dict)
+    finite: bool = True  # every micro-batch's loss was finite
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the run, the step and the checkpoint kept."""
 
 
 def train_run(cfg: Config, variant: str, layer: int, seed: int, store: ActivationStore,
-              progress: bool = True, out: Path | None = None) -> Path:
-    """Train one SAE (cfg already has the variant applied) into its run folder; resumes or skips."""
+              progress: bool = True, out: Path | None = None, device: torch.device | str | None = None) -> Path:
+    """Train one SAE (cfg already has the variant applied) into its run folder; resumes or skips.
+
+    `device` defaults to the config's model.device (auto: CUDA when there is one); the store stays
+    on the host and each micro-batch is copied to the device.
+    """
     out = Path(out) if out is not None else sae_dir(cfg.name, variant, layer, seed)
+    clean_stale_temps(out.parent, out.name)  # what a killed run left beside it, even if it finished
     tcfg = cfg.train
     ident = run_hash(cfg, variant, layer, seed, store)
     if is_finished(out, ident):
         return out
     check_batch(cfg, store)
-    state = resume(out, ident, cfg, variant, seed, store) or start(cfg, variant, seed, store)
+    device = models.resolve_device(cfg.model.device) if device is None else torch.device(device)
+    state = resume(out, ident, cfg, variant, seed, store, device) or start(cfg, variant, seed, store, device)
     info = run_info(cfg, variant, layer, seed, store, ident, state, out)
-    dtype = autocast_dtype(tcfg)
+    dtype = autocast_dtype(tcfg, device)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum
     clock = {"t": time.perf_counter(), "step": state.step, "start": time.perf_counter(), "start_step": state.step}
     with progress_bar(progress, f"{variant} layer {layer} seed {seed}", tcfg, tokens_per_step, state.step) as bar, \
             threads_for(state.sae, tcfg):
         while state.step < tcfg.steps:
             stats = train_step(state, store, cfg, seed, dtype, want_metrics=is_log_step(state.step + 1, tcfg))
+            if not stats.finite:
+                raise diverged(state.step, info, out)
             maybe_resample(state, stats, tcfg, seed)
             maybe_log(state, stats, tcfg, tokens_per_step, clock, bar)
             maybe_checkpoint(state, out, info, store, tcfg)
@@ -119,12 +136,14 @@ def train_run(cfg: Config, variant: str, layer: int, seed: int, store: Activatio
     return out
 
 
-def start(cfg: Config, variant: str, seed: int, store: ActivationStore) -> TrainState:
-    sae = build(variant, store.d_model, cfg.sae, seq_len(cfg, store), seed=seed)
+def start(cfg: Config, variant: str, seed: int, store: ActivationStore,
+          device: torch.device | str = "cpu") -> TrainState:
+    # Built (and seeded) on the CPU, then moved: the same initial weights on every device.
+    sae = build(variant, store.d_model, cfg.sae, seq_len(cfg, store), seed=seed).to(device)
     sae.train()
     return TrainState(sae=sae, opt=make_optimizer(sae, cfg.train),
-                      since_fired_K=torch.zeros(sae.k, dtype=torch.long),
-                      resampled_K=torch.zeros(sae.k, dtype=torch.bool))
+                      since_fired_K=torch.zeros(sae.k, dtype=torch.long, device=device),
+                      resampled_K=torch.zeros(sae.k, dtype=torch.bool, device=device))
 
 
 def make_optimizer(sae: SAE, tcfg: TrainConfig) -> torch.optim.Optimizer:
@@ -139,16 +158,19 @@ def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int
     sae, opt, tcfg = state.sae, state.opt, cfg.train
     for group in opt.param_groups:
         group["lr"] = lr_at(state.step, tcfg)
-    fired_K = torch.zeros(sae.k, dtype=torch.bool)
+    device = state.since_fired_K.device
+    fired_K = torch.zeros(sae.k, dtype=torch.bool, device=device)
+    finite = True
     sums: dict[str, float] = {}
     for micro in range(tcfg.grad_accum):
         idx = batch_indices(len(store), tcfg.batch_size, seed, state.step * tcfg.grad_accum + micro)
-        x_BD = store.normalised(idx)
-        pos_B = torch.from_numpy(store.pos_N[idx].astype(np.int64))
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        x_BD = store.normalised(idx).to(device, non_blocking=True)
+        pos_B = torch.from_numpy(store.pos_N[idx].astype(np.int64)).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             # Cast once here: autocast would cast x again for every matmul that reads it.
             out = sae(x_BD if dtype is None else x_BD.to(dtype), pos_B)
         terms, err_sq_B, mass_K = objective(out, x_BD, pos_B, tcfg, state.step, seq_len(cfg, store))
+        finite = finite and bool(torch.isfinite(terms["total"]))
         (terms["total"] / tcfg.grad_accum).backward()
         fired_K |= mass_K > 0  # features are non-negative: a feature fired iff its batch total is positive
         if want_metrics:
@@ -161,7 +183,7 @@ def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int
     state.step += 1
     return StepStats(fired_K=fired_K, x_BD=x_BD, x_hat_BD=out.x_hat.detach(), err_sq_B=err_sq_B,
                      terms={k: v for k, v in sums.items() if k.startswith("losses/")},
-                     metrics={k: v for k, v in sums.items() if not k.startswith("losses/")})
+                     metrics={k: v for k, v in sums.items() if not k.startswith("losses/")}, finite=finite)
 
 
 def objective(out: ForwardOutput, x_BD: Tensor, pos_B: Tensor, tcfg: TrainConfig, step: int,
@@ -179,7 +201,7 @@ def objective(out: ForwardOutput, x_BD: Tensor, pos_B: Tensor, tcfg: TrainConfig
     # Features are non-negative in every variant, so ‖f‖₁ is a sum (no abs pass over [B, K]).
     mass_K = out.features.sum(0, dtype=torch.float32)
     l1 = mass_K.sum() / out.features.shape[0]
-    total = recon + l1_at(step, tcfg) * l1 + sum(out.aux_losses.values(), torch.zeros(()))
+    total = recon + l1_at(step, tcfg) * l1 + sum(out.aux_losses.values(), torch.zeros((), device=x_BD.device))
     return {"total": total, "recon": recon, "l1": l1, **out.aux_losses}, err_sq_B, mass_K.detach()
 
 
@@ -289,13 +311,15 @@ def seq_len(cfg: Config, store: ActivationStore) -> int:
     return int(store.meta.get("seq_len", cfg.corpus.seq_len))
 
 
-def autocast_dtype(tcfg: TrainConfig) -> torch.dtype | None:
-    """bfloat16 where the CPU computes it natively (else it is slower than fp32); None = plain fp32."""
+def autocast_dtype(tcfg: TrainConfig, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """bfloat16 where `device` computes it natively (else it is slower than fp32); None = plain fp32."""
     if tcfg.dtype == "float32":
         return None
-    if tcfg.dtype == "bfloat16" or native_bf16():
+    if tcfg.dtype == "bfloat16":
         return torch.bfloat16
-    return None
+    device = torch.device(device)
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (device.type == "cpu" and native_bf16())
+    return torch.bfloat16 if native else None
 
 def native_bf16() -> bool:
     try:
@@ -330,8 +354,10 @@ def maybe_resample(state: TrainState, stats: StepStats, tcfg: TrainConfig, seed:
         return 0
     dead_idx = dead_K.nonzero().squeeze(1)
     g = torch.Generator().manual_seed(seed * 1_000_003 + state.step)
-    weights_B = stats.err_sq_B.clamp_min(0) + 1e-12
+    # Drawn on the CPU with a CPU generator, so a GPU run resamples the same rows as a CPU run would.
+    weights_B = stats.err_sq_B.float().cpu().clamp_min(0) + 1e-12
     rows = torch.multinomial(weights_B, n_dead, replacement=n_dead > weights_B.numel(), generator=g)
+    rows = rows.to(stats.x_BD.device)
     dirs_ND = torch.nn.functional.normalize(stats.x_BD[rows] - stats.x_hat_BD[rows].float(), dim=-1)
     sae = state.sae
     alive = ~dead_K
@@ -416,28 +442,50 @@ def maybe_checkpoint(state: TrainState, out: Path, info: dict, store: Activation
 
 
 def save_checkpoint(state: TrainState, out: Path, info: dict, store: ActivationStore, done: bool) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in state.sae.parameters()):
+        raise diverged(state.step, info, out)  # never replace a good checkpoint with NaN weights
     info = {**info, "step": state.step, "done": done,
             "resampled_fraction": float(state.resampled_K.sum()) / state.sae.k}
     mean_D = torch.from_numpy(np.asarray(store.mean_D, dtype=np.float32))
     checkpoint.save_run(out, state.sae, info, state.metrics, mean_D, None if done else train_tensors(state))
 
 
+def diverged(step: int, info: dict[str, Any], out: Path) -> TrainingDiverged:
+    """The error for a NaN or infinite loss at `step`, saying which checkpoint is kept."""
+    kept = checkpoint.read_info(out)
+    if kept is not None and kept.get("run_hash") == info["run_hash"]:
+        where = f"the last good checkpoint (step {kept['step']}) is kept in {out}"
+    else:
+        where = f"no checkpoint of this run was written ({out} is left as it was)"
+    return TrainingDiverged(
+        f"{info['variant']} layer {info['layer']} seed {info['seed']}: the loss or the weights turned NaN or infinite "
+        f"at step {step}, so training stopped without saving them; {where}. Fix: lower train.lr (now {info['config']['train']['lr']:g}) "
+        f"or lengthen train.lr_warmup, and check the activation store {info['store']['path']} for extreme values "
+        "(abs_max in its meta.json)")
+
+
 def train_tensors(state: TrainState) -> dict[str, Tensor]:
     """The optimizer moments and feature counters, keyed by parameter name."""
-    tensors = {"since_fired_K": state.since_fired_K.clone(), "resampled_K": state.resampled_K.to(torch.uint8)}
+    tensors = {"since_fired_K": state.since_fired_K.cpu().clone(), "resampled_K": state.resampled_K.cpu().to(torch.uint8)}
     for name, p in state.sae.named_parameters():
         for key, value in state.opt.state.get(p, {}).items():
             tensors[f"opt.{name}.{key}"] = value.detach().clone().reshape(value.shape)
     return tensors
 
 
-def resume(out: Path, ident: str, cfg: Config, variant: str, seed: int, store: ActivationStore) -> TrainState | None:
+def resume(out: Path, ident: str, cfg: Config, variant: str, seed: int, store: ActivationStore,
+           device: torch.device | str = "cpu") -> TrainState | None:
     """The state of an unfinished run of the same identity saved in `out`, else None (start afresh)."""
     info = checkpoint.read_info(out)
+    if info is not None and info.get("variant") != variant:
+        raise checkpoint.CheckpointMismatch(
+            f"{out}: this run folder holds a {info.get('variant')} SAE, not {variant}, and training {variant} here "
+            f"would replace it. Fix: train {variant} into its own folder (posae.paths.sae_dir), or delete {out} "
+            f"if the {info.get('variant')} run is not wanted")
     tensors = checkpoint.read_train_state(out)
     if info is None or tensors is None or info.get("run_hash") != ident or info.get("done"):
         return None
-    state = start(cfg, variant, seed, store)
+    state = start(cfg, variant, seed, store, device)
     state.sae.load_state_dict(checkpoint.load_sae(out).state_dict())
     opt_state = {}
     for i, (name, p) in enumerate(state.sae.named_parameters()):
@@ -447,8 +495,8 @@ def resume(out: Path, ident: str, cfg: Config, variant: str, seed: int, store: A
     sd = state.opt.state_dict()
     sd["state"] = opt_state
     state.opt.load_state_dict(sd)
-    state.since_fired_K = tensors["since_fired_K"].clone()
-    state.resampled_K = tensors["resampled_K"].bool()
+    state.since_fired_K = tensors["since_fired_K"].to(device).clone()
+    state.resampled_K = tensors["resampled_K"].bool().to(device)
     state.step = int(info["step"])
     state.metrics = checkpoint.read_metrics(out)
     return state
@@ -479,7 +527,8 @@ def run_info(cfg: Config, variant: str, layer: int, seed: int, store: Activation
         "config": to_dict(cfg), "config_source": cfg.source,
         "normalisation": {"centred": True, "scale": store.scale, "mean": f"{checkpoint.WEIGHTS}:normalisation.mean_D"},
         "store": {"path": str(store.path), "hash": store.meta.get("hash"), "tokens": len(store)},
-        "autocast": str(autocast_dtype(cfg.train)).replace("torch.", "") if autocast_dtype(cfg.train) else "float32",
+        "device": sae.b_dec_D.device.type,
+        "autocast": str(autocast_dtype(cfg.train, sae.b_dec_D.device) or "float32").replace("torch.", ""),
         "diagnostics_start": (old or {}).get("diagnostics_start", sae.diagnostics()),
         "train_seconds": (old or {}).get("train_seconds", 0.0),
         "run_hash": ident, "git_commit": notebook.git_commit(), "posae_version": posae.__version__,

@@ -104,8 +104,8 @@ def check_variants(cfg: Config, names: list[str] | None = None) -> None:
     """Validate the run config's per-variant options and every variant file, before heavy work."""
     options = cfg.sae.options
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
-        raise ConfigError(f"{cfg.source}: sae.options must map variant names to their options, "
-                          f"e.g. {{contrastive: {{temperature: 0.1}}}}")
+        raise ConfigError(f"{cfg.source}: sae.options must map variant names to their options. Fix: write "
+                          f"it as e.g. {{contrastive: {{temperature: 0.1}}}}")
     for name in options:
         if name not in REGISTRY:
             raise ConfigError(f"{cfg.source}: sae.options.{name}: unknown variant. Fix: use one of "
