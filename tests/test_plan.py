@@ -23,7 +23,7 @@ def smoke_plan():
 
 @pytest.fixture(scope="module")
 def paper_plan():
-    return P.make_plan("paper")  # offline: gemma-2-2b's shapes come from KNOWN_ARCHITECTURES unless cached
+    return P.make_plan("paper")  # offline: gemma-2-2b's shapes come from posae.models.KNOWN_CONFIGS unless cached
 
 
 def test_smoke_tokens_and_store_bytes_by_hand(smoke_plan):
@@ -131,12 +131,12 @@ def test_plan_command_prints_offline_and_refuses_unknown_gpus(capsys):
 def test_known_architectures_agree_with_the_offline_validation_table():
     from transformers import AutoConfig
 
-    from posae.models import KNOWN_MODELS
+    from posae.models import KNOWN_CONFIGS, KNOWN_MODELS
 
     for name, info in KNOWN_MODELS.items():
-        if name not in P.KNOWN_ARCHITECTURES:
+        if name not in KNOWN_CONFIGS:
             continue
-        text = AutoConfig.for_model(**P.KNOWN_ARCHITECTURES[name]).get_text_config()
+        text = AutoConfig.for_model(**KNOWN_CONFIGS[name]).get_text_config()
         assert (text.num_hidden_layers, text.hidden_size) == (info.num_layers, info.hidden_size), name
         assert getattr(text, "max_position_embeddings", None) in (info.max_position, None), name
 

@@ -49,17 +49,35 @@ class Loaded(NamedTuple):
     device: Any  # torch.device
 
 
-# Shapes of models whose config may not be cached locally, so that a config naming them validates
-# offline (paper.yaml runs gemma-2-2b on a machine with hub access; this one has none).
-KNOWN_MODELS: dict[str, ModelInfo] = {
-    GEMMA3_ALIAS: ModelInfo(18, 640, 32768),
-    "google/gemma-3-270m": ModelInfo(18, 640, 32768),
-    "google/gemma-2-2b": ModelInfo(26, 2304, 8192),
-    "google/gemma-2-9b": ModelInfo(42, 3584, 8192),
-    "gpt2": ModelInfo(12, 768, 1024),
-    "openai-community/gpt2": ModelInfo(12, 768, 1024),
-    "EleutherAI/pythia-70m-deduped": ModelInfo(6, 512, 2048),
+# The public config.json of hub models a config may name without a local copy, so that such a
+# config validates offline and `posae.plan` can count its FLOPs (paper.yaml runs gemma-2-2b on a
+# machine with hub access; this one has none). Used only when the model's config is not cached.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "google/gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                              num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                              max_position_embeddings=8192, tie_word_embeddings=True),
+    "google/gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                              num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                              max_position_embeddings=8192, tie_word_embeddings=True),
+    "google/gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640,
+                                intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                                num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+                                tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    "EleutherAI/pythia-70m-deduped": dict(model_type="gpt_neox", vocab_size=50304, hidden_size=512,
+                                          intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+                                          max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False),
 }
+KNOWN_CONFIGS[GEMMA3_ALIAS] = KNOWN_CONFIGS["google/gemma-3-270m"]
+KNOWN_CONFIGS["openai-community/gpt2"] = KNOWN_CONFIGS["gpt2"]
+
+
+def _known_info(c: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(c.get("num_hidden_layers", c.get("n_layer")), c.get("hidden_size", c.get("n_embd")),
+                     c.get("max_position_embeddings", c.get("n_positions")))
+
+
+KNOWN_MODELS: dict[str, ModelInfo] = {name: _known_info(c) for name, c in KNOWN_CONFIGS.items()}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

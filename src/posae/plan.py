@@ -12,7 +12,7 @@ this module uses it for that list.) Where each figure comes from:
   float32, each behind its .npy header (measured by writing it, as the store does), and
   ``meta.json`` (estimated: `META_JSON_BYTES`).
 - **Model.** Its config (a cached or local ``config.json``; for a hub model not cached here, the
-  shapes in `KNOWN_ARCHITECTURES`, taken from the model's public config.json) is built into a model
+  shapes in `posae.models.KNOWN_CONFIGS`, taken from the model's public config.json) is built into a model
   on torch's ``meta`` device, which allocates nothing: parameter counts are exact, and
   `posae.capture.params_run` gives the parameters of the blocks the early-exit forward runs.
 - **FLOPs.** Capture: 2 × params_run × forward tokens (the blocks' matmuls; attention scores add
@@ -44,26 +44,6 @@ import numpy as np
 
 from posae.config import Config, ConfigError, load_config, to_dict
 
-# Shapes of the hub models a config can name offline (those of `posae.models.KNOWN_MODELS`), from
-# each model's public config.json: used only when that config.json is not cached on this machine.
-KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "google/gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                              num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                              max_position_embeddings=8192, tie_word_embeddings=True),
-    "google/gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
-                              num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-                              max_position_embeddings=8192, tie_word_embeddings=True),
-    "google/gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640,
-                                intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                                num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
-                                tie_word_embeddings=True),
-    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
-    "EleutherAI/pythia-70m-deduped": dict(model_type="gpt_neox", vocab_size=50304, hidden_size=512,
-                                          intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
-                                          max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False),
-}
-KNOWN_ARCHITECTURES["gemma3-270m"] = KNOWN_ARCHITECTURES["google/gemma-3-270m"]
-KNOWN_ARCHITECTURES["openai-community/gpt2"] = KNOWN_ARCHITECTURES["gpt2"]
 
 # meta.json of one store: model, corpus and capture settings, counts, scale, hash (~1-2 KB). The
 # only estimated byte count; the .npy files are exact.
@@ -367,7 +347,7 @@ def hf_config(cfg: Config) -> tuple[Any, str]:
         if (folder / "config.json").is_file():
             with models.hub_offline():
                 return AutoConfig.from_pretrained(folder, local_files_only=True), f"{folder / 'config.json'}"
-        return AutoConfig.for_model(**KNOWN_ARCHITECTURES[name]), "posae.plan.KNOWN_ARCHITECTURES (not converted yet)"
+        return AutoConfig.for_model(**models.KNOWN_CONFIGS[name]), "posae.models.KNOWN_CONFIGS (not converted yet)"
     folder = models.local_folder(name)
     if folder is not None:
         with models.hub_offline():
@@ -380,11 +360,11 @@ def hf_config(cfg: Config) -> tuple[Any, str]:
                     "the hub config.json cached here")
         except (OSError, ValueError):
             pass
-    if name in KNOWN_ARCHITECTURES:
-        return (AutoConfig.for_model(**KNOWN_ARCHITECTURES[name]),
-                "posae.plan.KNOWN_ARCHITECTURES (the public config.json; not cached here)")
+    if name in models.KNOWN_CONFIGS:
+        return (AutoConfig.for_model(**models.KNOWN_CONFIGS[name]),
+                "posae.models.KNOWN_CONFIGS (the public config.json; not cached here)")
     raise ConfigError(f"{cfg.source}: model.name: no offline shapes for {name!r}: its config.json is not cached here "
-                      f"and it is not one of {', '.join(k for k in KNOWN_ARCHITECTURES if '/' in k)}. Fix: fetch its "
+                      f"and it is not one of {', '.join(k for k in models.KNOWN_CONFIGS if '/' in k)}. Fix: fetch its "
                       f"config once with network access (`hf download {name} config.json`)")
 
 
