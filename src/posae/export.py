@@ -206,7 +206,7 @@ def export_saelens(run_dir: Path | str, out_dir: Path | str, force: bool = False
     })
     exported = sae_lens.StandardSAE(cfg)
     exported.load_state_dict(weights)
-    clean_stale_temps(out_dir.parent)
+    clean_stale_temps(out_dir.parent, out_dir.name)
     with atomic_dir(out_dir) as tmp:
         exported.save_model(tmp)
         verify_roundtrip(sae_lens.SAE.load_from_disk(str(tmp)), sae, mean_D, scale, out_dir)

@@ -157,8 +157,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
 
 def clean_stale_temps(folder: Path, name: str | None = None) -> None:
     """Remove temp files and folders a killed writer left in `folder`: ``.<name>.<random>.tmp``, and the
-    ``.<name>.old-<pid>`` that `atomic_dir` moves aside (a kill between its two renames leaves it behind;
-    `<name>` is then missing, so its writer runs again).
+    ``.<name>.old-<pid>`` that `atomic_dir` moves aside and a kill after that move leaves behind.
 
     Pass the `name` about to be written to touch only its leftovers: writers of its siblings may be
     live in other processes (the Dask executor trains the seeds of one layer side by side).

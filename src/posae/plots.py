@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from posae.paths import atomic_path
+
 PAGE_WIDTH_IN = 7.0
 
 
@@ -17,10 +19,10 @@ def set_style() -> None:
 
 
 def save(fig: plt.Figure, path_stem: Path) -> None:
-    """Write `<stem>.png` and `<stem>.pdf`."""
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    """Write `<stem>.png` and `<stem>.pdf`, each atomically (a killed figures stage leaves no half a PNG)."""
     for ext in ("png", "pdf"):
-        fig.savefig(path_stem.with_suffix(f".{ext}"))
+        with atomic_path(path_stem.with_suffix(f".{ext}")) as tmp:
+            fig.savefig(tmp, format=ext)
 
 
 def norm_by_position(df: pd.DataFrame) -> plt.Figure:
