@@ -22,11 +22,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("distributed")
-
-from posae.figures import figures_dir  # noqa: E402
-from posae.paths import run_dir  # noqa: E402
-from posae.reproduce import ExecutorError, StageFailed, reproduce  # noqa: E402
+from posae.figures import figures_dir
+from posae.paths import run_dir
+from posae.reproduce import ExecutorError, StageFailed, reproduce
 
 pytestmark = pytest.mark.extras
 

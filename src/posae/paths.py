@@ -94,9 +94,14 @@ def check_writable(folder: Path | str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
+
+    A file has one writer at a time, so what a killed earlier writer of `path` left beside it
+    (``.<name>.<random>.tmp``) is removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
