@@ -160,7 +160,7 @@ def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int
         group["lr"] = lr_at(state.step, tcfg)
     device = state.since_fired_K.device
     fired_K = torch.zeros(sae.k, dtype=torch.bool, device=device)
-    finite = True
+    finite = torch.ones((), dtype=torch.bool, device=device)  # one device sync a step, not one per micro-batch
     sums: dict[str, float] = {}
     for micro in range(tcfg.grad_accum):
         idx = batch_indices(len(store), tcfg.batch_size, seed, state.step * tcfg.grad_accum + micro)
@@ -170,7 +170,7 @@ def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int
             # Cast once here: autocast would cast x again for every matmul that reads it.
             out = sae(x_BD if dtype is None else x_BD.to(dtype), pos_B)
         terms, err_sq_B, mass_K = objective(out, x_BD, pos_B, tcfg, state.step, seq_len(cfg, store))
-        finite = finite and bool(torch.isfinite(terms["total"]))
+        finite &= torch.isfinite(terms["total"].detach())
         (terms["total"] / tcfg.grad_accum).backward()
         fired_K |= mass_K > 0  # features are non-negative: a feature fired iff its batch total is positive
         if want_metrics:
@@ -183,7 +183,7 @@ def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int
     state.step += 1
     return StepStats(fired_K=fired_K, x_BD=x_BD, x_hat_BD=out.x_hat.detach(), err_sq_B=err_sq_B,
                      terms={k: v for k, v in sums.items() if k.startswith("losses/")},
-                     metrics={k: v for k, v in sums.items() if not k.startswith("losses/")}, finite=finite)
+                     metrics={k: v for k, v in sums.items() if not k.startswith("losses/")}, finite=bool(finite))
 
 
 def objective(out: ForwardOutput, x_BD: Tensor, pos_B: Tensor, tcfg: TrainConfig, step: int,
