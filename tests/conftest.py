@@ -41,3 +41,15 @@ def smoke_capture(runs_root):
     from posae.config import load_config
 
     return capture(load_config("smoke"), progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the unit tests' tensors are tiny: threads only add
+    synchronisation, and on a busy machine each parallel op waits a time slice)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

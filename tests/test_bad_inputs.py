@@ -51,6 +51,8 @@ from posae.saes import REGISTRY, variant_config
 from posae.store import StoreError, open_layer_stores, write_store
 from posae.train import TrainingDiverged, train_variant
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, L, N_SEQ = 16, 16, 40  # synthetic stores: 40 sequences of positions 1..15, d = 16
 LAYER = 1
 PRIOR_CHANGES = {
@@ -94,14 +96,6 @@ def says(err: pytest.ExceptionInfo, *parts: str) -> str:
         at = found + len(part)
     assert "Fix: " in msg, msg
     return msg
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

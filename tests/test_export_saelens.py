@@ -16,17 +16,9 @@ from posae.saes import variant_config
 from posae.store import write_store
 from posae.train import train_run
 
-pytestmark = pytest.mark.extras
+pytestmark = [pytest.mark.extras, pytest.mark.usefixtures("one_thread")]
 
 D, L, N_SEQ = 32, 16, 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

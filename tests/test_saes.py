@@ -10,17 +10,10 @@ from posae.config import Config, ConfigError, SAEConfig
 from posae.saes import REGISTRY, SAE, build, register, variant_config, variant_path
 from posae.saes.contrastive import position_info_nce
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, T, B = 32, 16, 96
 SAE_CFG = SAEConfig(expansion=2.0, buckets=4, heads=2, head_dim=8)  # k = 64, 32 per group
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add synchronisation, and on a busy machine each parallel op waits a time slice."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(name: str, seed: int = 0) -> SAE:

@@ -14,6 +14,8 @@ from posae.saes import REGISTRY, variant_config
 from posae.store import write_store
 from posae.train import ReconLoss, batch_indices, lr_at, l1_at, train_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, L, N_SEQ = 32, 16, 96
 SAE_CFG = SAEConfig(expansion=2.0, buckets=4, heads=2, head_dim=8)
 TRAIN_CFG = TrainConfig(seeds=(0,), steps=30, batch_size=64, lr=1e-2, lr_warmup=0.0, lr_decay=0.0, l1=0.05,
@@ -38,15 +40,6 @@ def make_store(path, seed: int = 0):
     x, pos, seq = synthetic_acts(seed=seed)
     return write_store(path, x, np.zeros(len(pos), np.int32), pos, seq,
                        {"seq_len": L, "layer": 0, "split": "train", "hash": f"synthetic-{seed}"})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add synchronisation, and on a busy machine each parallel op waits a time slice."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
