@@ -413,11 +413,10 @@ class DaskPool:
             from distributed import Client, LocalCluster
 
             # Processes, one thread each: training runs share no GIL, and each is pinned to one thread anyway.
-            # The nanny sets OMP_NUM_THREADS=1 & co. in *this* process before spawning a worker, and
-            # leaves them: the stages run here (capture, probes) would then run on one thread.
-            with _environ({k: os.environ.get(k) for k in _thread_env(TRAIN_THREADS)}):
-                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=":0")
+            # The nanny sets OMP_NUM_THREADS=1 & co. in *this* process and leaves them; `reproduce`
+            # runs the stages here (capture, probes) with the thread settings it started with.
+            self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                         dashboard_address=":0")
             self._client = Client(self._cluster)
             self.log(f"started a Dask LocalCluster: {self.workers} workers x 1 thread")
         return self._client
