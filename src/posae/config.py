@@ -362,22 +362,22 @@ def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
     if check_model:
         from posae import corpus, models  # late import: these pull in transformers
 
-        info = models.describe(cfg.model, path)
-        bad = [l for l in layers if l >= info.num_layers]
-        if bad:
-            raise ConfigError(
-                f"{path}: capture.layers has {bad[0]}, but {cfg.model.name} has {info.num_layers} layers "
-                f"(0..{info.num_layers - 1}). Fix: use layers below {info.num_layers}"
-            )
-        if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
-            raise ConfigError(
-                f"{path}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
-                f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}"
-            )
+        check_model_fit(cfg, path, models.describe(cfg.model, path))
         corpus.check(cfg.corpus, path)
         from posae.saes import check_variants  # late import: torch
 
         check_variants(cfg)  # sae.options' variant names and every params/variants/*.yaml
+
+
+def check_model_fit(cfg: Config, path: Path | str, info: Any) -> None:
+    """The layers exist in the model and a sequence fits its context (`info`: `posae.models.ModelInfo`)."""
+    bad = [l for l in cfg.capture.layers if l >= info.num_layers]
+    if bad:
+        raise ConfigError(f"{path}: capture.layers has {bad[0]}, but {cfg.model.name} has {info.num_layers} layers "
+                          f"(0..{info.num_layers - 1}). Fix: use layers below {info.num_layers}")
+    if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
+        raise ConfigError(f"{path}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
+                          f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}")
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -127,7 +127,8 @@ def local_folder(name: str) -> Path | None:
     return None
 
 
-def _info_from_config(hf_config: Any) -> ModelInfo:
+def info_from_config(hf_config: Any) -> ModelInfo:
+    """Layers, width and context of a transformers config (its text part, for multimodal ones)."""
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     return ModelInfo(int(text.num_hidden_layers), int(text.hidden_size),
                      getattr(text, "max_position_embeddings", None))
@@ -172,7 +173,7 @@ def describe(model_cfg: ModelConfig, path: Path | str | None = None) -> ModelInf
         from transformers import AutoConfig
 
         try:
-            return _info_from_config(AutoConfig.from_pretrained(folder, local_files_only=True,
+            return info_from_config(AutoConfig.from_pretrained(folder, local_files_only=True,
                                                                 trust_remote_code=model_cfg.trust_remote_code))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{folder / 'config.json'}: transformers cannot read it ({e}). "
@@ -183,7 +184,7 @@ def describe(model_cfg: ModelConfig, path: Path | str | None = None) -> ModelInf
     if _HUB_ID.match(name):
         hf_config = _cached_hub_config(name, model_cfg.revision)
         if hf_config is not None:
-            return _info_from_config(hf_config)
+            return info_from_config(hf_config)
         if name in KNOWN_MODELS:
             return KNOWN_MODELS[name]
     raise ConfigError(
@@ -336,7 +337,7 @@ def load_model(model_cfg: ModelConfig, tokenizer: Any = None) -> Loaded:
                                                          trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     model = model.to(device).eval()
     model.requires_grad_(False)
-    return Loaded(model, tokenizer, _info_from_config(model.config), dtype, device)
+    return Loaded(model, tokenizer, info_from_config(model.config), dtype, device)
 
 
 # --------------------------------------------------------------------------- the offline Gemma 3 270M

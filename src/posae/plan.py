@@ -253,9 +253,9 @@ class Plan:
 
 def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str] | None = None) -> Plan:
     """The plan of a full reproduction of `config` (a name, a path or a Config) on `gpu`; offline."""
-    from posae import corpus, reproduce
+    from posae import corpus, models, reproduce
     from posae.capture import params_run
-    from posae.config import device_override
+    from posae.config import check_model_fit, device_override
     from posae.saes import variant_config
 
     key = gpu.upper()
@@ -265,7 +265,7 @@ def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str
     cfg = config if isinstance(config, Config) else load_config(config, check_model=False)
     model, hf_config, arch_from = meta_model(cfg)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    check_layers(cfg, text)
+    check_model_fit(cfg, cfg.source, models.info_from_config(hf_config))
     corpus.check(cfg.corpus, cfg.source)
     d = int(text.hidden_size)
     stages = reproduce.plan(cfg, variants)
@@ -314,19 +314,6 @@ def _intermediate(text: Any) -> int:
         if value:
             return int(value)
     return 4 * int(text.hidden_size)
-
-
-def check_layers(cfg: Config, text: Any) -> None:
-    """The layer and context checks of `load_config`, against the shapes the plan uses."""
-    n = int(text.num_hidden_layers)
-    bad = [layer for layer in cfg.capture.layers if layer >= n]
-    if bad:
-        raise ConfigError(f"{cfg.source}: capture.layers has {bad[0]}, but {cfg.model.name} has {n} layers "
-                          f"(0..{n - 1}). Fix: use layers below {n}")
-    context = getattr(text, "max_position_embeddings", None)
-    if context is not None and cfg.corpus.seq_len > context:
-        raise ConfigError(f"{cfg.source}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
-                          f"{context} tokens. Fix: use a seq_len <= {context}")
 
 
 # --------------------------------------------------------------------------- the model's shapes
