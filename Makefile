@@ -7,17 +7,20 @@ STAMP := $(VENV)/.posae-installed
 CONFIG ?= default
 PYTEST_ARGS ?=
 
-.PHONY: setup reproduce test test-real test-extras test-kill bench clean lock
+.PHONY: setup reproduce test test-real test-extras test-kill test-concurrency bench clean lock
 
 setup: $(STAMP)
 
+# pip at -qq: errors still show; its warnings about this machine's own pip configuration do not.
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned, so nothing later can pull a CUDA build
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	@echo "setup: installing into $(VENV)/ (torch 2.13.0 CPU first, then posae with the pinned versions of constraints.txt; a few minutes, once)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -qq --upgrade pip
+	@# torch first and pinned, so nothing later can pull a CUDA build
+	@$(PY) -m pip install -qq torch==2.13.0
+	@$(PY) -m pip install -qq -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+	@echo "setup: done"
 
 reproduce: setup
 	$(PY) -m posae reproduce --config $(CONFIG)
@@ -39,6 +42,10 @@ test-extras: setup
 
 test-kill: setup
 	$(PY) -m pytest -q -m kill $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# Whole smoke reproductions from empty runs/ (5 times, --jobs 2) and two drivers on one config.
+test-concurrency: setup
+	$(PY) -m pytest -q -m concurrency $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: setup
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'

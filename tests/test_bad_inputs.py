@@ -81,9 +81,11 @@ def synthetic_store(path: Path, cfg, split: str, seed: int, stats_from=None):
 
 
 def files(*roots: Path) -> dict[Path, tuple[str, int]]:
-    """Every file under `roots`: content hash and modification time."""
+    """Every product under `roots`: content hash and modification time (lock files, which name their
+    last holder, are not products)."""
     return {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for root in roots if root.exists() for p in sorted(root.rglob("*")) if p.is_file()}
+            for root in roots if root.exists() for p in sorted(root.rglob("*")) if p.is_file()
+            and not p.name.endswith(".lock")}
 
 
 def says(err: pytest.ExceptionInfo, *parts: str) -> str:

@@ -11,4 +11,11 @@ Shape suffixes in names where tensors meet (as in dictionary_learning):
 e.g. ``x_BD`` activations, ``pos_B`` positions, ``f_BK`` features, ``W_dec_KD`` decoder.
 """
 
+import warnings
+
+# Libraries we import (huggingface_hub, datasets) use `tqdm.auto`, which in a Jupyter kernel without
+# ipywidgets warns once and falls back to the text bar. The text bar is what we want there (see
+# `posae.progress`), so the warning says nothing to a reader of a rendered notebook.
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
+
 __version__ = "0.1.0"

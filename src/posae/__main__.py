@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     with device_env(getattr(args, "device", None)):
         try:
             if args.command == "reproduce":
+                from posae.paths import Busy
                 from posae.reproduce import ExecutorError, StageFailed, UnknownStage, reproduce
 
                 try:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 except StageFailed as e:
                     print(f"error: {e}", file=sys.stderr)
                     return 1
-                except (UnknownStage, ExecutorError) as e:
+                except (UnknownStage, ExecutorError, Busy) as e:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
             elif args.command == "capture":

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from posae.config import Config, ConfigError, to_dict
-from posae.paths import activations_dir, clean_stale_temps
+from posae.paths import activations_dir, clean_stale_temps, lock_path, locked, run_dir
 
 # Bump when the capture changes what a store contains, so that old stores are recomputed.
 CAPTURE_VERSION = 1
@@ -156,10 +156,20 @@ def capture(cfg: Config, progress: bool = True) -> dict[tuple[int, str], Path]:
 
     Stores whose content hash matches are reused; if all match, the model is not loaded.
     """
+    validate(cfg)
+    # One capture per config at a time; readers of the stores (`open_layer_stores`) wait for it.
+    with locked(capture_lock(cfg), f"capturing the activations of {cfg.name}"):
+        return _capture(cfg, progress)
+
+
+def capture_lock(cfg: Config) -> Path:
+    return lock_path(run_dir(cfg.name) / "activations", "capture")
+
+
+def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
     from posae import corpus, models
     from posae.store import ActivationStore, is_complete
 
-    validate(cfg)
     device = models.resolve_device(cfg.model.device)
     dtype = models.resolve_dtype(cfg.model.dtype, device)
     tokenizer = models.load_tokenizer(cfg.model)
@@ -204,8 +214,8 @@ def _capture_split(loaded: Any, seqs_SL: np.ndarray, out: dict[int, Path], metas
                    stats: dict[int, Any], batch_size: int, exclude_bos: bool, progress: bool, desc: str) -> None:
     """One pass over `seqs_SL`, streaming every layer in `out` into its own store."""
     import torch
-    from tqdm import tqdm
 
+    from posae.progress import bar as progress_bar
     from posae.store import StoreWriter
 
     S, L = seqs_SL.shape
@@ -219,8 +229,8 @@ def _capture_split(loaded: Any, seqs_SL: np.ndarray, out: dict[int, Path], metas
                                                           stats_from=stats.get(layer))) for layer in layers}
         acts = stack.enter_context(layer_outputs(loaded.model, layers))
         stack.enter_context(torch.inference_mode())
-        bar = stack.enter_context(tqdm(total=S * L, unit="tok", unit_scale=True, disable=not progress,
-                                       desc=f"{desc} layers {layers}"))
+        bar = stack.enter_context(progress_bar(total=S * L, unit="tok", unit_scale=True, enabled=progress,
+                                               desc=f"{desc} layers {layers}"))
         pos_L = np.arange(L, dtype=np.int32)
         for s in range(0, S, batch_size):
             ids_BL = torch.from_numpy(np.ascontiguousarray(seqs_SL[s:s + batch_size])).long().to(loaded.device)

@@ -18,6 +18,7 @@ from the documents after those, so no text is shared between the splits.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -113,7 +114,7 @@ def _file_documents(files: list[Path], corpus_cfg: CorpusConfig) -> Iterator[str
 
     from posae.models import hub_offline
 
-    with hub_offline():
+    with hub_offline(), _no_datasets_bars():  # reading local files: nothing to watch, and ours says the rest
         ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
                                    split="train", cache_dir=str(cache_dir() / "datasets"))
     order = np.random.default_rng(corpus_cfg.seed).permutation(len(ds))
@@ -121,6 +122,19 @@ def _file_documents(files: list[Path], corpus_cfg: CorpusConfig) -> Iterator[str
         order = order[: corpus_cfg.max_docs]
     for i in order:
         yield ds[int(i)]["text"]
+
+
+@contextlib.contextmanager
+def _no_datasets_bars() -> Iterator[None]:
+    import datasets
+
+    enabled_before = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled_before:
+            datasets.enable_progress_bars()
 
 
 def _hub_documents(name: str, corpus_cfg: CorpusConfig) -> Iterator[str]:
@@ -165,7 +179,7 @@ def load_sequences(corpus_cfg: CorpusConfig, tokenizer: Any, progress: bool = Fa
 
     `path` is the config file, named in errors.
     """
-    from tqdm import tqdm
+    from posae.progress import bar as progress_bar
 
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -177,7 +191,7 @@ def load_sequences(corpus_cfg: CorpusConfig, tokenizer: Any, progress: bool = Fa
     got = {"train": 0, "val": 0}
     docs = {"train": 0, "val": 0}
     split = "train"
-    bar = tqdm(total=sum(want.values()), unit="seq", desc=f"tokenise {corpus_cfg.name}", disable=not progress)
+    bar = progress_bar(total=sum(want.values()), unit="seq", desc=f"tokenise {corpus_cfg.name}", enabled=progress)
     with bar:
         for text in documents(corpus_cfg):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch
 
 from posae import checkpoint, models
 from posae.config import Config, check_parameter
-from posae.paths import atomic_path, run_dir
+from posae.paths import atomic_path, lock_path, locked, run_dir
 from posae.saes import SAE, get, variant_config
 from posae.store import ActivationStore, open_layer_stores
 
@@ -352,12 +351,14 @@ def read_evaluation(cfg: Config) -> Evaluation | None:
 
 
 def write_evaluation(cfg: Config, ev: Evaluation, variants: list[str] | None = None) -> None:
-    old = read_evaluation(cfg) if variants is not None else None
-    for i, name in enumerate((METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV)):
-        df = ev[i]
-        if old is not None:
-            df = _ordered(pd.concat([old[i][~old[i]["variant"].isin(variants)], df], ignore_index=True))
-        write_csv_atomic(df, run_dir(cfg.name) / name)
+    # Read, merge and write under one lock: notebooks 04 run by hand side by side merge into the same tables.
+    with locked(lock_path(run_dir(cfg.name) / METRICS_CSV, "merge"), f"updating {METRICS_CSV}"):
+        old = read_evaluation(cfg) if variants is not None else None
+        for i, name in enumerate((METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV)):
+            df = ev[i]
+            if old is not None:
+                df = _ordered(pd.concat([old[i][~old[i]["variant"].isin(variants)], df], ignore_index=True))
+            write_csv_atomic(df, run_dir(cfg.name) / name)
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -388,9 +389,9 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
 def progress_iter(items: list, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
+    from posae.progress import bar
 
-    return tqdm(items, desc=desc, unit="run", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    return bar(items, total=len(items), desc=desc, unit="run")
 
 
 # --------------------------------------------------------------------------- tables for reading

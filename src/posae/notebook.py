@@ -26,6 +26,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    try:
+        block = open("/proc/cpuinfo").read().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: results are byte-identical only on one CPU type, so every record names it."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16_features() -> list[str]:
+    """Which bf16 matmul units the CPU has (AMX makes bf16 ~9x fp32 here, AVX512-BF16 ~2x)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
 def record_environment(cfg: Config) -> None:
     """Save the package versions (as `pip freeze` lists them) and the machine a run used."""
     out = run_dir(cfg.name) / "environment"
@@ -36,7 +56,8 @@ def record_environment(cfg: Config) -> None:
 
     write_json_atomic(out / "machine.json", {
         "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-        "processor": platform.processor(), "cpu_count": torch.get_num_threads(), "git_commit": git_commit(),
+        "processor": platform.processor(), "cpu_model": cpu_model(), "cpu_bf16": cpu_bf16_features(),
+        "cpu_count": torch.get_num_threads(), "git_commit": git_commit(),
         "config_source": cfg.source,
     })
 

@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 from posae import checkpoint, models
 from posae.config import Config, ProbeConfig
 from posae.metrics import as_variant_list, check_normalisation, find_runs, progress_iter, write_csv_atomic
-from posae.paths import run_dir
+from posae.paths import lock_path, locked, run_dir
 from posae.saes import SAE
 from posae.store import ActivationStore, open_layer_stores
 
@@ -201,9 +201,10 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
                      "test_tokens": len(sample.test_rows)})
     df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["variant", "layer", "seed"]).reset_index(drop=True)
     path = run_dir(cfg.name) / PROBES_CSV
-    keep = pd.read_csv(path) if names is not None and path.exists() else None
-    merged = df if keep is None else pd.concat([keep[~keep["variant"].isin(names)], df], ignore_index=True)
-    write_csv_atomic(merged.sort_values(["variant", "layer", "seed"]).reset_index(drop=True), path)
+    with locked(lock_path(path, "merge"), f"updating {PROBES_CSV}"):  # notebooks 04 run by hand side by side
+        keep = pd.read_csv(path) if names is not None and path.exists() else None
+        merged = df if keep is None else pd.concat([keep[~keep["variant"].isin(names)], df], ignore_index=True)
+        write_csv_atomic(merged.sort_values(["variant", "layer", "seed"]).reset_index(drop=True), path)
     return df
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posae.config import Config, load_config
-from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, check_writable, run_dir, write_json_atomic, write_text_atomic
+from posae.paths import (NOTEBOOKS_DIR, PARAMS_DIR, check_writable, lock_path, locked, run_dir, write_json_atomic,
+                         write_text_atomic)
 
 
 class UnknownStage(ValueError):
@@ -120,12 +121,18 @@ def execute(cfg: Config, stage: Stage) -> Path:
     """Run one notebook through papermill; returns the executed notebook's path."""
     import papermill as pm
 
+    from posae.kernels import QuietKernelManager
+
     out_dir = run_dir(cfg.name) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{stage.output_stem}.ipynb"
+    if out.is_symlink():  # papermill writes through a link; the executed notebook belongs here, not at its target
+        out.unlink()
     try:
-        pm.execute_notebook(str(NOTEBOOKS_DIR / stage.notebook), str(out), parameters=stage.parameters,
-                            cwd=str(NOTEBOOKS_DIR), kernel_name="python3", progress_bar=False)
+        with _environ({"POSAE_PROGRESS": "summary"}):  # one line per loop in the saved notebook, not every refresh
+            pm.execute_notebook(str(NOTEBOOKS_DIR / stage.notebook), str(out), parameters=stage.parameters,
+                                cwd=str(NOTEBOOKS_DIR), kernel_name="python3", progress_bar=False,
+                                kernel_manager_class=QuietKernelManager)
     except pm.PapermillExecutionError as e:
         raise StageFailed(f"stage {stage.name} failed in {stage.notebook}: {e.ename}: {e.evalue}\n"
                           f"The failed notebook is saved at {out}") from None
@@ -229,16 +236,35 @@ def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[
     on a LocalCluster of `workers` single-threaded workers started here (default: `default_jobs()`).
     The other stages run here in both cases, so both executors leave the same products.
     """
-    jobs = default_jobs() if jobs is None else max(1, jobs)
-    check_executor(executor, scheduler, workers)
+    # Every argument is checked before anything is written: a bad one must not wait for the capture stage.
+    check_executor(executor, scheduler, workers, jobs)
+    jobs = default_jobs() if jobs is None else jobs
     cfg = load_config(config)  # validates everything before any stage runs
-    check_writable(run_dir(cfg.name))  # an unwritable output fails now, not after the first stage
+    if variants is not None:
+        from posae.saes import check_variants
+
+        check_variants(cfg, variants)  # unknown, repeated or no names
     stages = plan(cfg, variants)
     known = {s.name for s in stages} | {"train"}
     for name in (*force, *only):
         if name not in known:
             raise UnknownStage(f"unknown stage {name!r}. Fix: use one of {', '.join(sorted(known))}")
+    check_writable(run_dir(cfg.name))  # an unwritable output fails now, not after the first stage
     selected = [s for s in stages if not only or s.name in only or ("train" in only and s.name.startswith("train:"))]
+    with driver_lock(cfg, config):
+        return _reproduce(cfg, stages, selected, force, log, jobs, executor, scheduler, workers)
+
+
+def driver_lock(cfg: Config, config: str):
+    """One driver per config: a second one stops at once, naming the first (a killed driver's lock is free)."""
+    return locked(lock_path(run_dir(cfg.name), "driver"), f"reproduce --config {config}", wait=False,
+                  busy_fix="Fix: wait for that run to finish, or stop it (kill {pid}) and rerun: a stopped "
+                           "driver's lock is released at once and the rerun resumes where it stopped")
+
+
+def _reproduce(cfg: Config, stages: list[Stage], selected: list[Stage], force: tuple[str, ...],
+               log: Callable[[str], None], jobs: int, executor: str, scheduler: str | None,
+               workers: int | None) -> list[dict]:
     fps: dict[str, str] = {}
     for stage in stages:
         fps[stage.name] = fingerprint(stage, cfg, fps)
@@ -314,17 +340,22 @@ class ExecutorError(RuntimeError):
     """The Dask executor cannot run: dask missing, scheduler unreachable, workers that do not see the runs."""
 
 
-def check_executor(executor: str, scheduler: str | None, workers: int | None) -> None:
+def check_executor(executor: str, scheduler: str | None, workers: int | None, jobs: int | None = None) -> None:
+    """How the stages are to run (--executor, --scheduler, --workers, --jobs), checked before any of them does."""
+    if jobs is not None and jobs < 1:
+        raise ExecutorError(f"--jobs {jobs}: at least one training notebook must run at a time. Fix: pass "
+                            f"--jobs 1 or more, or leave it out for one per core ({default_jobs()})")
     if executor not in EXECUTORS:
         raise ExecutorError(f"unknown executor {executor!r}. Fix: use one of {', '.join(EXECUTORS)}")
-    if executor != "dask" and (scheduler or workers):
+    if executor != "dask" and (scheduler or workers is not None):
         raise ExecutorError("--scheduler and --workers belong to the Dask executor. Fix: add --executor dask")
     if scheduler and workers:
         raise ExecutorError(f"--workers sizes the LocalCluster started when there is no --scheduler; the "
                             f"cluster at {scheduler} has its own workers. Fix: drop --workers (scale the "
                             "cluster itself, e.g. cluster.scale(jobs=...))")
     if workers is not None and workers < 1:
-        raise ExecutorError(f"--workers {workers}: need at least 1 worker")
+        raise ExecutorError(f"--workers {workers}: need at least 1 worker. Fix: pass --workers 1 or more, or leave "
+                            f"it out for one per core ({default_jobs()})")
 
 
 def task_env(cfg: Config) -> dict[str, str]:

@@ -258,14 +258,15 @@ def write_store(path: Path | str, acts_ND, tokens_N, pos_N, seq_N, meta: dict[st
 def open_layer_stores(cfg, split: str, layers: list[int] | None = None) -> dict[int, ActivationStore]:
     """The stores of `layers` (default: every configured layer) for `split` ('train' or 'val'),
     checked complete and captured under `cfg`'s current model, corpus and capture settings."""
-    from posae.capture import store_settings
-    from posae.paths import activations_dir
+    from posae.capture import capture_lock, store_settings
+    from posae.paths import activations_dir, locked
 
     stores = {}
-    for layer in cfg.capture.layers if layers is None else layers:
-        store = ActivationStore.open(activations_dir(cfg.name, layer, split))
-        check_settings(store, store_settings(cfg, layer), cfg.source)
-        stores[layer] = store
+    with locked(capture_lock(cfg), "reading the activation stores", shared=True):  # not while a capture writes
+        for layer in cfg.capture.layers if layers is None else layers:
+            store = ActivationStore.open(activations_dir(cfg.name, layer, split))
+            check_settings(store, store_settings(cfg, layer), cfg.source)
+            stores[layer] = store
     return stores
 
 

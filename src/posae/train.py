@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import Tensor
 import posae
 from posae import checkpoint, models, notebook
 from posae.config import Config, ConfigError, TrainConfig, check_parameter, load_config, to_dict
-from posae.paths import clean_stale_temps, sae_dir
+from posae.paths import clean_stale_temps, lock_path, locked, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
 from posae.store import ActivationStore, open_layer_stores
 
@@ -108,11 +107,22 @@ def train_run(cfg: Config, variant: str, layer: int, seed: int, store: Activatio
     on the host and each micro-batch is copied to the device.
     """
     out = Path(out) if out is not None else sae_dir(cfg.name, variant, layer, seed)
-    clean_stale_temps(out.parent, out.name)  # what a killed run left beside it, even if it finished
-    tcfg = cfg.train
     ident = run_hash(cfg, variant, layer, seed, store)
     if is_finished(out, ident):
         return out
+    # One trainer per run folder: a hand-run notebook 03 waits for the driver's kernel (or the other
+    # way round) and then finds the run finished.
+    with locked(lock_path(out, "train"), f"training {variant} layer {layer} seed {seed}"):
+        clean_stale_temps(out.parent, out.name)  # what a killed run left beside it
+        if is_finished(out, ident):
+            return out
+        return _train_run(cfg, variant, layer, seed, store, progress, out, device, ident)
+
+
+def _train_run(cfg: Config, variant: str, layer: int, seed: int, store: ActivationStore, progress: bool,
+               out: Path, device: torch.device | str | None, ident: str) -> Path:
+    """The run itself, under its lock: resume or start, step to the end, write the final checkpoint."""
+    tcfg = cfg.train
     check_batch(cfg, store)
     device = models.resolve_device(cfg.model.device) if device is None else torch.device(device)
     state = resume(out, ident, cfg, variant, seed, store, device) or start(cfg, variant, seed, store, device)
@@ -406,14 +416,13 @@ def maybe_log(state: TrainState, stats: StepStats, tcfg: TrainConfig, tokens_per
 
 
 def progress_bar(enabled: bool, desc: str, tcfg: TrainConfig, tokens_per_step: int, step: int):
-    """A context manager giving a tqdm bar counting tokens (so its rate is tokens/s), or None."""
+    """A context manager giving a bar counting tokens (so its rate is tokens/s), or None."""
     if not enabled:
         return contextlib.nullcontext()
-    from tqdm import tqdm
+    from posae.progress import bar
 
-    # Plain tqdm on stderr: readable in a terminal and in an executed notebook alike.
-    return tqdm(total=tcfg.steps * tokens_per_step, initial=step * tokens_per_step, desc=desc, unit="tok",
-                unit_scale=True, mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+    return bar(total=tcfg.steps * tokens_per_step, initial=step * tokens_per_step, desc=desc, unit="tok",
+               unit_scale=True)
 
 
 @contextlib.contextmanager
