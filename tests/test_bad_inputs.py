@@ -1,20 +1,25 @@
-"""Bad inputs (issue 7): each case fails with one message naming the problem (file, key or value) and
-the fix, and leaves every product made before it (activation stores, finished SAE runs, figures)
-byte for byte as it was.
+"""Bad inputs (issues 7 and 13): each case fails with one message naming the problem (file, key or
+value) and the fix, and leaves every product made before it (activation stores, finished SAE runs,
+figures) byte for byte as it was.
 
 The cases, numbered as the README's Guarantees section counts them:
 
- 1. unknown key in a config file              12. checkpoint of another shape
- 2. unknown variant (argument and config)     13. NaN or infinite loss during training
- 3. wrong type                                14. full disk while writing a product
- 4. out-of-range value                        15. unwritable output folder
- 5. layer beyond the model                    16. notebook parameter of the wrong type
- 6. missing corpus files                      17. papermill run from another working directory
- 7. empty corpus                              18. config file that is not valid YAML
- 8. sequence length beyond the model's context 19. unknown config name
- 9. corrupt (truncated) activation store      20. missing activation store
-10. stale store (settings changed since)      21. training batch larger than the store
-11. checkpoint from another variant           22. training a layer that was not captured
+ 1. unknown key in a config file              17. papermill run from another working directory
+ 2. unknown variant (argument and config)     18. config file that is not valid YAML
+ 3. wrong type                                19. unknown config name
+ 4. out-of-range value                        20. missing activation store
+ 5. layer beyond the model                    21. training batch larger than the store
+ 6. missing corpus files                      22. training a layer that was not captured
+ 7. empty corpus                              23. NaN or infinity for a number
+ 8. sequence length beyond the model's context 24. a key given twice (any level, run or variant file)
+ 9. corrupt (truncated) activation store      25. a value at a bound that cannot work (test_fraction 1)
+10. stale store (settings changed since)      26. negative, too large or repeated seed
+11. checkpoint from another variant           27. config name that is not a plain folder name
+12. checkpoint of another shape               28. dictionary size k a variant cannot take
+13. NaN or infinite loss during training      29. bad driver arguments (--variants, --only, --force,
+14. full disk while writing a product             --jobs, --workers): refused before stage 1
+15. unwritable output folder                  30. export-saelens --force onto runs or stores
+16. notebook parameter of the wrong type      31. the CLI prints each known error as one line
 
 Every case starts from `prior`: a config ("prior", the smoke model cut to one layer and one seed),
 its training and validation stores, a finished baseline run, a finished hierarchical run and a
@@ -39,14 +44,16 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from posae import checkpoint, train
+from posae import checkpoint, saes, train
+from posae.__main__ import main
 from posae.capture import capture, store_settings
 from posae.checkpoint import CheckpointMismatch
 from posae.config import ConfigError, load_config
 from posae.metrics import as_variant_list
 from posae.notebook import setup
-from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPO_ROOT, OutputNotWritable, atomic_path, sae_dir
-from posae.reproduce import plan, reproduce
+from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPO_ROOT, Busy, OutputNotWritable, atomic_path, sae_dir
+from posae.export import ExportError, export_saelens, pipeline_products
+from posae.reproduce import ExecutorError, UnknownStage, plan, reproduce
 from posae.saes import REGISTRY, variant_config
 from posae.store import StoreError, open_layer_stores, write_store
 from posae.train import TrainingDiverged, train_variant
@@ -512,4 +519,352 @@ def test_17_papermill_from_another_working_directory(prior, monkeypatch):
     # The driver's kernels run in notebooks/: a config outside params/ reaches them as an absolute path.
     assert plan(load_config("smoke"))[0].parameters["config"] == "smoke"
     assert plan(load_config(prior.yaml))[0].parameters["config"] == str(prior.yaml.resolve())
+    prior.assert_untouched()
+
+
+# --------------------------------------------------------------------------- 23-28: values that pass a type check and cannot work
+
+
+@pytest.mark.parametrize("changes, where, shown", [
+    ({"train": {"lr_warmup": float("nan")}}, "train.lr_warmup", "nan"),  # once silently disabled the warm-up
+    ({"train": {"l1": float("nan")}}, "train.l1", "nan"),  # once ended in a divergence advising a lower lr
+    ({"train": {"lr": float("inf")}}, "train.lr", "inf"),
+    ({"probe": {"test_fraction": float("-inf")}}, "probe.test_fraction", "-inf"),
+    ({"train": {"betas": [0.9, float("nan")]}}, "train.betas[1]", "nan"),
+], ids=["lr_warmup-nan", "l1-nan", "lr-inf", "test_fraction-minus-inf", "betas-nan"])
+def test_23_nan_or_infinity(prior, changes, where, shown):
+    path = prior.config(**changes)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: {where}: {shown} is not a finite number (YAML .nan or .inf). "
+                              "Fix: write a finite number such as 0.1")
+    prior.assert_untouched()
+
+
+def test_23_nan_in_a_variant_option(prior):
+    path = prior.config(sae={"options": {"contrastive": {"temperature": float("nan")}}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{saes.variant_path('contrastive')} + {path}: sae.options.temperature: nan is not a "
+                              "finite number (YAML .nan or .inf). Fix: write a finite number such as 0.1")
+    prior.assert_untouched()
+
+
+def test_24_a_key_given_twice(prior, monkeypatch):
+    # A second top-level train: block once replaced the first whole, silently.
+    text = prior.yaml.read_text()
+    first = text.splitlines().index("train:") + 1
+    path = prior.tmp / "twice.yaml"
+    path.write_text(text + "train:\n  steps: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: train: key given twice on lines {first} and {len(text.splitlines()) + 1}; "
+                              "YAML would keep only the second, silently dropping the first. "
+                              "Fix: write train once, merging the two")
+    # Inside a section, and inside a flow mapping on one line.
+    path.write_text("name: prior\nsae:\n  buckets: 4\n  heads: 2\n  buckets: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    says(err, f"{path}: sae.buckets: key given twice on lines 3 and 5;", "Fix: write sae.buckets once")
+    path.write_text("name: prior\nsae:\n  options:\n    contrastive: {temperature: 0.1, temperature: 0.2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    says(err, f"{path}: sae.options.contrastive.temperature: key given twice on line 4;")
+    # In a variant file (params/variants/<v>.yaml, read through the same loader).
+    variant_file = prior.tmp / "soft_masking.yaml"
+    variant_file.write_text("train:\n  l1_scale: 0.4\n  l1_scale: 2.0\n")
+    real = saes.variant_path
+    monkeypatch.setattr(saes, "variant_path", lambda name: {"soft_masking": variant_file}.get(name) or real(name))
+    with pytest.raises(ConfigError) as err:
+        load_config(prior.yaml)
+    says(err, f"{variant_file}: train.l1_scale: key given twice on lines 2 and 3;", "Fix: write train.l1_scale once")
+    prior.assert_untouched()
+
+
+@pytest.mark.parametrize("changes, message", [
+    # The schema's own maximum once crashed the probe stage after all the training.
+    ({"probe": {"test_fraction": 1.0}}, "probe.test_fraction: 1.0 is at the excluded bound 1.0, which cannot work. "
+                                        "Fix: use a value < 1.0"),
+    ({"probe": {"test_fraction": 0.0}}, "probe.test_fraction: 0.0 is at the excluded bound 0.0, which cannot work. "
+                                        "Fix: use a value > 0.0"),
+    ({"probe": {"test_fraction": 0.99}}, "probe.test_fraction 0.99 of corpus.n_val 32 sequences holds out 32, leaving "
+                                         "no validation sequence to train the probes on. Fix: lower "
+                                         "probe.test_fraction to at most 0.968, or raise corpus.n_val"),
+    ({"corpus": {"n_val": 1}}, "corpus.n_val: 1 is below the minimum 2. Fix: use a value >= 2"),
+    ({"train": {"lr": 0}}, "train.lr: 0.0 is at the excluded bound 0.0, which cannot work. Fix: use a value > 0.0"),
+], ids=["test_fraction-1", "test_fraction-0", "test_fraction-0.99", "n_val-1", "lr-0"])
+def test_25_a_value_at_a_bound_that_cannot_work(prior, changes, message):
+    path = prior.config(**changes)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+    prior.assert_untouched()
+
+
+@pytest.mark.parametrize("changes, message", [
+    # [-1] once failed inside numpy at step 1.
+    ({"train": {"seeds": [-1]}}, "train.seeds[0]: -1 is below the minimum 0. Fix: use a value >= 0"),
+    ({"train": {"seeds": [0, 2**31]}}, "train.seeds[1]: 2147483648 is above the maximum 2147483647. "
+                                       "Fix: use a value <= 2147483647"),
+    ({"train": {"seeds": [1, 1]}}, "train.seeds [1, 1] repeats a seed. Fix: list each seed once"),
+    ({"probe": {"seed": -3}}, "probe.seed: -3 is below the minimum 0. Fix: use a value >= 0"),
+    ({"corpus": {"seed": -1}}, "corpus.seed: -1 is below the minimum 0. Fix: use a value >= 0"),
+], ids=["negative", "too-large", "repeated", "probe-seed", "corpus-seed"])
+def test_26_bad_seed(prior, changes, message):
+    path = prior.config(**changes)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+    prior.assert_untouched()
+
+
+NAME_FIX = ("Fix: use a plain folder name of letters, digits, '_', '.' and '-' (no '/', no '..'), e.g. name: my_run; "
+            "without a name: key the file's name is used")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "runs/escaped", "..", ".hidden", "-x", "a b"])
+def test_27_config_name_that_is_not_a_plain_folder_name(prior, name):
+    # '../escaped' or an absolute path once wrote runs and figures outside runs/ and figures/.
+    path = prior.config(name=name)
+    with pytest.raises(ConfigError) as err:
+        setup(str(path))
+    assert str(err.value) == f"{path}: name: {name!r} is not a plain name. {NAME_FIX}"
+    assert sorted(p.name for p in prior.tmp.iterdir()) == ["changed.yaml", "figures", "prior.yaml", "runs"]
+    assert sorted(p.name for p in prior.runs.iterdir()) == ["prior"]
+    prior.assert_untouched()
+
+
+def test_27_a_file_name_that_is_not_a_plain_name_needs_a_name_key(prior):
+    path = prior.tmp / "my run.yaml"  # without name:, the config is named after its file
+    data = yaml.safe_load(prior.yaml.read_text())
+    del data["name"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: name: 'my run' is not a plain name. {NAME_FIX}"
+    data["name"] = "my_run"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path, check_model=False).name == "my_run"
+    prior.assert_untouched()
+
+
+@pytest.mark.parametrize("expansion, message", [
+    # expansion 0 once trained k = 1 silently.
+    (0, "sae.expansion: 0.0 is at the excluded bound 0.0, which cannot work. Fix: use a value > 0.0"),
+    (0.01, "sae.expansion 0.01 gives the attention_routing SAE k = 1 features (d = 64), which it cannot use: k = 1 "
+           "features is too few: probes and ablations split every dictionary into a global and a position half. "
+           "Fix: raise sae.expansion to at least 0.0312 (k = expansion x d, d = 64)"),
+    (65 / 64, "sae.expansion 1.015625 gives the attention_routing SAE k = 65 features (d = 64), which it cannot use: "
+              "the dictionary size k = 65 must be even to split into a global and a position half. Fix: choose "
+              "sae.expansion so that expansion x 64 is even"),
+    (6 / 64, "sae.expansion 0.09375 gives the position_masking SAE k = 6 features (d = 64), which it cannot use: its 3 "
+             "position features (half of k = 6) cannot fill 4 buckets. Fix: raise sae.expansion or lower sae.buckets"),
+], ids=["zero", "k-1", "odd-k", "fewer-position-features-than-buckets"])
+def test_28_dictionary_size_a_variant_cannot_take(prior, expansion, message):
+    path = prior.config(sae={"expansion": expansion})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+    prior.assert_untouched()
+
+
+def test_28_each_variant_states_its_own_constraint_through_the_registry(prior, monkeypatch):
+    class NeedsTen(REGISTRY["baseline"]):
+        @classmethod
+        def size_problem(cls, k, d_model, sae_cfg):
+            return None if k % 10 == 0 else f"k = {k} is not a multiple of 10. Fix: make it one"
+
+    NeedsTen.name = "needs_ten"
+    monkeypatch.setitem(REGISTRY, "needs_ten", NeedsTen)
+    with pytest.raises(ConfigError) as err:
+        load_config(prior.yaml)
+    assert str(err.value) == (f"{prior.yaml}: sae.expansion 1.0 gives the needs_ten SAE k = 64 features (d = 64), "
+                              "which it cannot use: k = 64 is not a multiple of 10. Fix: make it one")
+    prior.assert_untouched()
+
+
+# --------------------------------------------------------------------------- 29, 31: the command line
+
+
+KNOWN = ", ".join(sorted(REGISTRY))
+
+
+def stage_names(*names: str) -> str:
+    return ", ".join(sorted({*names, "train", "capture", "structure", "probe", "ablations", "figures"}))
+
+
+BAD_ARGUMENTS = [
+    # --variants foo was once refused only after the capture stage (~3 minutes on the default config).
+    (["--variants", "foo"], dict(variants=["foo"]), ConfigError,
+     f"--variants: unknown variant 'foo'. Fix: use one of {KNOWN}"),
+    (["--variants", "baseline,foo"], dict(variants=["baseline", "foo"]), ConfigError,
+     f"--variants: unknown variant 'foo'. Fix: use one of {KNOWN}"),
+    (["--variants", ""], dict(variants=[]), ConfigError,
+     f"--variants names no variant. Fix: give one or more of {KNOWN}, comma-separated, or leave --variants out to "
+     "train them all"),
+    (["--variants", "baseline,baseline"], dict(variants=["baseline", "baseline"]), ConfigError,
+     "--variants names baseline twice. Fix: name each variant once"),
+    (["--only", "trian"], dict(only=("trian",)), UnknownStage,
+     f"unknown stage 'trian'. Fix: use one of {stage_names(*(f'train:{v}' for v in REGISTRY))}"),
+    (["--variants", "baseline", "--force", "train:hierarchical"], dict(variants=["baseline"], force=("train:hierarchical",)),
+     UnknownStage, f"unknown stage 'train:hierarchical'. Fix: use one of {stage_names('train:baseline')}"),
+    (["--only", "probe", "--force", "capture"], dict(only=("probe",), force=("capture",)), UnknownStage,
+     "--force capture: --only probe leaves that stage out, so it would not run. Fix: add it to --only, or drop it "
+     "from --force"),
+    # --jobs 0 was once silently 1.
+    (["--jobs", "0"], dict(jobs=0), ExecutorError,
+     "--jobs 0: at least one training notebook must run at a time. Fix: pass --jobs 1 or more, or leave it out for "
+     f"one per core ({os.cpu_count()})"),
+    (["--jobs", "-2"], dict(jobs=-2), ExecutorError, "--jobs -2: at least one training notebook must run at a time."),
+    (["--workers", "0"], dict(workers=0), ExecutorError,
+     "--scheduler and --workers belong to the Dask executor. Fix: add --executor dask"),
+    (["--executor", "dask", "--workers", "0"], dict(executor="dask", workers=0), ExecutorError,
+     f"--workers 0: need at least 1 worker. Fix: pass --workers 1 or more, or leave it out for one per core "
+     f"({os.cpu_count()})"),
+]
+BAD_ARGUMENT_IDS = ["unknown-variant", "unknown-among-known", "no-variant", "repeated-variant", "unknown-only",
+                    "force-outside-variants", "force-outside-only", "jobs-0", "jobs-negative", "workers-local", "workers-0"]
+
+
+CLI_CASES = [BAD_ARGUMENT_IDS.index(i) for i in ("unknown-variant", "no-variant", "unknown-only", "jobs-0", "workers-0")]
+
+
+def assert_nothing_ran(prior) -> None:
+    assert not (prior.runs / "prior" / "stages").exists() and not (prior.runs / "prior" / "notebooks").exists()
+    assert not (prior.figures / "prior" / "notebooks").exists()
+    prior.assert_untouched()
+
+
+@pytest.mark.parametrize("argv, kwargs, error, message", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
+def test_29_bad_driver_arguments_are_refused_before_stage_1(prior, monkeypatch, argv, kwargs, error, message):
+    monkeypatch.setattr("posae.reproduce.execute", lambda *a: pytest.fail("a stage ran"))
+    with pytest.raises(error) as err:
+        reproduce(str(prior.yaml), log=lambda line: None, **kwargs)
+    assert str(err.value).startswith(message) and "Fix: " in str(err.value)
+    assert_nothing_ran(prior)
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posae", *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "POSAE_THREADS": "1"})
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, message: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == code, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert "Fix: " in result.stderr
+
+
+@pytest.mark.parametrize("argv, kwargs, error, message", [BAD_ARGUMENTS[i] for i in CLI_CASES],
+                         ids=[BAD_ARGUMENT_IDS[i] for i in CLI_CASES])
+def test_29_the_cli_says_so_in_one_line_and_exits_2(prior, argv, kwargs, error, message):
+    assert_one_line(run_cli("reproduce", "--config", str(prior.yaml), *argv), 2, message)
+    assert_nothing_ran(prior)
+
+
+def test_29_a_bad_config_value_reaches_the_terminal_as_one_line(prior):
+    path = prior.config(train={"seeds": [-1]})
+    assert_one_line(run_cli("reproduce", "--config", str(path)), 2,
+                    f"{path}: train.seeds[0]: -1 is below the minimum 0. Fix: use a value >= 0")
+    assert_nothing_ran(prior)
+
+
+def _raise(error: BaseException):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+def _known_errors(prior) -> list[tuple[BaseException, int, str]]:
+    """Errors the CLI prints as one line: (error, exit code, the line after 'error: ')."""
+    fix = "Fix: free disk space"
+    return [
+        (OutputNotWritable(errno.EACCES, f"{prior.runs}: cannot write the run's products here. Fix: make it writable"),
+         2, f"{prior.runs}: cannot write the run's products here. Fix: make it writable"),
+        (OSError(errno.ENOSPC, "No space left on device", str(prior.store / "acts.npy")), 1,
+         f"{prior.store / 'acts.npy'}: no space left on the device while writing it (No space left on device); the "
+         f"previous version, if any, is kept. {fix}"),
+        (OSError(errno.EDQUOT, f"{prior.store}: no space left on the device while writing it. {fix}"), 1,
+         f"{prior.store}: no space left on the device while writing it. {fix}"),
+        (ExportError("out: read-only. Fix: choose a writable OUT_DIR"), 2, "out: read-only. Fix: choose a writable OUT_DIR"),
+        (StoreError(f"{prior.store}: stale store. Fix: recapture"), 2, f"{prior.store}: stale store. Fix: recapture"),
+        (CheckpointMismatch(f"{prior.baseline}: another shape. Fix: retrain"), 2,
+         f"{prior.baseline}: another shape. Fix: retrain"),
+        (Busy("pid 1 holds the lock. Fix: wait for it"), 2, "pid 1 holds the lock. Fix: wait for it"),
+        (TrainingDiverged("baseline layer 1 seed 0: NaN at step 3. Fix: lower train.lr"), 1,
+         "baseline layer 1 seed 0: NaN at step 3. Fix: lower train.lr"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8), ids=["unwritable", "disk-full", "quota-explained", "export", "store",
+                                                "checkpoint", "busy", "diverged"])
+def test_31_known_errors_are_one_line_and_the_rest_keep_their_traceback(prior, monkeypatch, capsys, case):
+    error, code, line = _known_errors(prior)[case]
+    monkeypatch.setattr("posae.capture.capture", _raise(error))
+    assert main(["capture", "--config", str(prior.yaml)]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {line}") and err.count("\n") == 1 and "Fix: " in err, err
+    monkeypatch.setattr("posae.capture.capture", _raise(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output error"):  # unexpected: the traceback is kept
+        main(["capture", "--config", str(prior.yaml)])
+    prior.assert_untouched()
+
+
+def test_31_an_unwritable_output_folder_is_one_line_from_the_cli(prior):
+    blocker = prior.tmp / "not-a-folder"
+    blocker.write_text("a file where the runs folder should be\n")
+    result = subprocess.run([sys.executable, "-m", "posae", "reproduce", "--config", str(prior.yaml)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "POSAE_RUNS": str(blocker / "runs"), "POSAE_THREADS": "1"})
+    assert_one_line(result, 2, f"{blocker / 'runs' / 'prior'}: cannot write the run's products here (Not a directory")
+    prior.assert_untouched()
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from posae.__main__ import main\ntry: main(['--help'])\nexcept SystemExit: pass\n" \
+           "print('torch' in sys.modules, file=sys.stderr)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stderr.strip() == "False" and "reproduce" in result.stdout
+
+
+# --------------------------------------------------------------------------- 30: export-saelens --force
+
+
+def test_30_export_force_refuses_runs_and_stores(prior, monkeypatch, capsys):
+    # `export-saelens SRC runs/<config>/saes/residual --force` once deleted four trained runs.
+    elsewhere = prior.tmp / "elsewhere"
+    shutil.copytree(prior.hierarchical, elsewhere / "copied" / "seed_0")
+    shutil.copytree(prior.store, prior.tmp / "stores" / "train")
+    fix = ("Fix: choose an OUT_DIR that holds no products of the pipeline and lies outside runs/, e.g. "
+           "exports/<name>; --force is for replacing an earlier export")
+    runs = prior.runs.resolve()
+    cases = [
+        (prior.hierarchical.parent.parent, f"it is inside the runs folder {runs}, which holds every config's products"),
+        (prior.store.parent, f"it is inside the runs folder {runs}, which holds every config's products"),
+        (elsewhere, f"it holds a trained SAE run, {(elsewhere / 'copied' / 'seed_0').resolve()}"),
+        (prior.tmp / "stores", f"it holds an activation store, {(prior.tmp / 'stores' / 'train').resolve()}"),
+    ]
+    prior.rebase()
+    before = files(elsewhere, prior.tmp / "stores")
+    for out, why in cases:
+        with pytest.raises(ExportError) as err:
+            export_saelens(prior.baseline, out, force=True)
+        assert str(err.value) == f"{out}: --force would delete it, but {why}. {fix}"
+    # A folder that holds a runs root (say, the repository itself), with POSAE_RUNS pointed inside it.
+    outer = prior.tmp / "outer"
+    (outer / "runs").mkdir(parents=True)
+    monkeypatch.setenv("POSAE_RUNS", str(outer / "runs"))
+    with pytest.raises(ExportError) as err:
+        export_saelens(prior.baseline, outer, force=True)
+    assert str(err.value) == (f"{outer}: --force would delete it, but it holds the runs folder "
+                              f"{(outer / 'runs').resolve()}, which holds every config's products. {fix}")
+    assert (outer / "runs").is_dir()
+    monkeypatch.setenv("POSAE_RUNS", str(prior.runs))
+    out, why = cases[0]
+    assert main(["export-saelens", "--force", str(prior.baseline), str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: --force would delete it, but {why}. {fix}\n"
+    assert files(elsewhere, prior.tmp / "stores") == before
+    # The repository's own runs/ counts whatever POSAE_RUNS says; nothing there is touched to find out.
+    assert pipeline_products((REPO_ROOT / "runs" / "smoke").resolve()).startswith("it is inside the runs folder")
     prior.assert_untouched()

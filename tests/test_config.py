@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posae.config import Config, ConfigError, load_config, to_dict
+from posae.config import Config, ConfigError, load_config, read_yaml, to_dict
 from posae.paths import PARAMS_DIR
 
 
@@ -46,6 +46,14 @@ BAD = [
     ({"capture": {"layers": 3}}, "capture.layers", "expected a list"),
     ({"capture": {"layers": []}}, "capture.layers", "empty"),
     ({"probe": {"test_fraction": 1.5}}, "probe.test_fraction", "above the maximum"),
+    ({"probe": {"test_fraction": 1.0}}, "probe.test_fraction", "at the excluded bound"),
+    ({"train": {"lr": float("nan")}}, "train.lr", "not a finite number"),
+    ({"train": {"betas": [0.9, float("inf")]}}, "train.betas[1]", "not a finite number"),
+    ({"train": {"seeds": [0, -1]}}, "train.seeds[1]", "below the minimum"),
+    ({"train": {"seeds": [0, 0]}}, "train.seeds", "repeats a seed"),
+    ({"sae": {"expansion": 0}}, "sae.expansion", "at the excluded bound"),
+    ({"name": "../escaped"}, "name", "not a plain name"),
+    ({"name": "/abs/path"}, "name", "not a plain name"),
 ]
 
 
@@ -83,6 +91,26 @@ def test_invalid_yaml_is_reported_with_its_file(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML"):
         load_config(path, check_model=False)
+
+
+def test_a_key_given_twice_is_refused_at_any_level(tmp_path):
+    path = tmp_path / "twice.yaml"
+    for text, key, lines in [("train: {steps: 5}\nprobe: {}\ntrain: {lr: 0.1}\n", "train", "on lines 1 and 3"),
+                             ("train:\n  steps: 5\n  steps: 6\n", "train.steps", "on lines 2 and 3"),
+                             ("capture: {layers: [1], layers: [2]}\n", "capture.layers", "on line 1"),
+                             ("a:\n  - {x: 1, x: 2}\n", "a[0].x", "on line 2")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path, check_model=False)
+        assert str(err.value).startswith(f"{path}: {key}: key given twice {lines}; ") and "Fix: " in str(err.value)
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("x-base: &base {steps: 5, lr: 0.1}\n")
+    assert read_yaml(path) == {"x-base": {"steps": 5, "lr": 0.1}}
+    path.write_text("probe: &p {seed: 3}\ntrain:\n  <<: {steps: 5, lr: 0.1}\n  lr: 0.2\n")  # an explicit key wins
+    assert read_yaml(path) == {"probe": {"seed": 3}, "train": {"steps": 5, "lr": 0.2}}
 
 
 def test_config_is_frozen_and_round_trips_to_dict():

@@ -1,6 +1,7 @@
 """SAELens export, the parts that need no sae-lens: which variants refuse and why, and every refusal
 before anything is written. The round trip through sae-lens is tests/test_export_saelens.py (extras)."""
 
+import shutil
 import sys
 
 import numpy as np
@@ -86,6 +87,19 @@ def test_refusals_about_the_folders(runs, tmp_path):
     with pytest.raises(ExportError, match="overlaps the run folder"):
         export_saelens(runs["baseline"], runs["baseline"].parent, force=True)
     assert checkpoint.read_info(runs["baseline"])["done"]
+
+
+def test_force_refuses_a_folder_that_holds_a_run_or_a_store(runs, store, tmp_path):
+    shutil.copytree(runs["hierarchical"], tmp_path / "old" / "nested" / "hierarchical")
+    with pytest.raises(ExportError) as e:
+        export_saelens(runs["baseline"], tmp_path / "old", force=True)
+    assert str(e.value).startswith(f"{tmp_path / 'old'}: --force would delete it, but it holds a trained SAE run, "
+                                   f"{(tmp_path / 'old' / 'nested' / 'hierarchical').resolve()}. Fix: ")
+    shutil.copytree(store.path, tmp_path / "stores" / "train")
+    with pytest.raises(ExportError, match="it holds an activation store"):
+        export_saelens(runs["baseline"], tmp_path / "stores", force=True)
+    assert checkpoint.read_info(tmp_path / "old" / "nested" / "hierarchical")["done"]
+    assert (tmp_path / "stores" / "train" / "meta.json").exists()
 
 
 def test_an_unfinished_run_refuses(runs, tmp_path):

@@ -250,6 +250,7 @@ def without_perf(lines: list[dict]) -> list[dict]:
 def comparable_info(folder: Path) -> dict:
     info = checkpoint.read_info(folder)
     info["store"].pop("path")  # lives under each test's own runs root
+    info["files"].pop(checkpoint.METRICS)  # its perf/* throughput differs by run; the weights' digest may not
     return {k: v for k, v in info.items() if k not in _TIMING}
 
 

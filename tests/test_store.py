@@ -1,9 +1,11 @@
-"""The activation store: round trip, normalisation, 16-bit storage, atomicity, corruption and staleness."""
+"""The activation store: round trip, normalisation, 16-bit storage, atomicity, corruption, staleness, digests."""
+
+import json
 
 import numpy as np
 import pytest
 
-from posae.store import ActivationStore, StoreError, StoreWriter, is_complete, write_store
+from posae.store import ActivationStore, StoreError, StoreWriter, file_record, is_complete, write_store
 
 
 def synthetic(n=600, d=12, seed=0):
@@ -42,6 +44,7 @@ def test_values_beyond_float16_are_kept_as_bfloat16(tmp_path):
     x[450, 2] = 1e6  # beyond float16's 65504, after rows were already written as float16
     store = write_store(tmp_path / "s", x, tok, pos, seq, {"hash": "h"}, chunk=100)
     assert store.meta["storage_dtype"] == "bfloat16"
+    assert store.meta["files"]["acts.npy"] == file_record(tmp_path / "s" / "acts.npy")  # of the rewritten file
     back = store.raw(np.arange(len(store))).numpy()
     np.testing.assert_allclose(back, x, rtol=1e-2, atol=5e-2)
 
@@ -97,3 +100,45 @@ def test_non_finite_activations_are_refused(tmp_path):
     x[5, 5] = np.nan
     with pytest.raises(StoreError, match="non-finite"):
         write_store(tmp_path / "s", x, tok, pos, seq, {"hash": "h"})
+
+
+def test_meta_records_each_file_and_verify_finds_changed_data(tmp_path):
+    x, tok, pos, seq = synthetic()
+    store = write_store(tmp_path / "s", x, tok, pos, seq, {"hash": "h"})
+    files = store.meta["files"]
+    assert sorted(files) == ["acts.npy", "mean.npy", "pos.npy", "seq.npy", "tokens.npy"]
+    for name, recorded in files.items():  # recorded while writing, without reading back: must equal the file's
+        assert recorded == file_record(tmp_path / "s" / name), name
+    assert is_complete(tmp_path / "s", "h") and store.verify() is store
+    acts = tmp_path / "s" / "acts.npy"
+    data = bytearray(acts.read_bytes())
+    data[-3] ^= 1  # one value changed, the size kept: opening (sizes only) cannot tell
+    acts.write_bytes(bytes(data))
+    store = ActivationStore.open(tmp_path / "s")
+    with pytest.raises(StoreError) as err:
+        store.verify()
+    assert str(err.value).startswith(f"{acts}: content changed (its digest differs from the one recorded")
+    assert "Fix: run notebooks/01_capture_activations.ipynb" in str(err.value)
+    assert not is_complete(tmp_path / "s", "h")
+
+
+def test_a_corrupt_meta_json_is_named_with_the_fix(tmp_path):
+    x, tok, pos, seq = synthetic()
+    write_store(tmp_path / "s", x, tok, pos, seq, {"hash": "h"})
+    meta = tmp_path / "s" / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(StoreError) as err:
+        ActivationStore.open(tmp_path / "s")
+    assert str(err.value).startswith(f"{meta}: not valid JSON (") and "Fix: run notebooks/01_capture" in str(err.value)
+    assert not is_complete(tmp_path / "s")
+
+
+def test_a_store_from_before_digests_opens_unverified(tmp_path):
+    x, tok, pos, seq = synthetic()
+    write_store(tmp_path / "s", x, tok, pos, seq, {"hash": "h"})
+    meta_path = tmp_path / "s" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    assert is_complete(tmp_path / "s", "h")
+    assert len(ActivationStore.open(tmp_path / "s").verify()) == len(x)

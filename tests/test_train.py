@@ -11,7 +11,7 @@ from posae import checkpoint, train
 from posae.config import Config, ConfigError, SAEConfig, TrainConfig
 from posae.paths import activations_dir
 from posae.saes import REGISTRY, variant_config
-from posae.store import write_store
+from posae.store import file_record, write_store
 from posae.train import ReconLoss, batch_indices, lr_at, l1_at, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -198,6 +198,64 @@ def test_checkpoint_round_trip(store, tmp_path):
     mean_D, scale = checkpoint.load_normalisation(out)
     np.testing.assert_allclose(mean_D.numpy(), store.mean_D, rtol=0, atol=0)
     assert scale == pytest.approx(store.scale)
+
+
+def test_config_json_records_the_other_files_and_the_weights_bytes_are_the_sae_alone(store, tmp_path):
+    out = train_run(cfg_for("baseline", steps=10), "baseline", 0, 0, store, progress=False, out=tmp_path / "r")
+    info = checkpoint.read_info(out)
+    assert sorted(info["files"]) == ["metrics.jsonl", "weights.safetensors"]  # no train_state once finished
+    for name, recorded in info["files"].items():
+        assert recorded == file_record(out / name)
+    again = train_run(cfg_for("baseline", steps=10), "baseline", 0, 0, store, progress=False, out=tmp_path / "r2")
+    assert (again / checkpoint.WEIGHTS).read_bytes() == (out / checkpoint.WEIGHTS).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit-weights", "edit-metrics", "delete-weights"])
+def test_a_damaged_finished_run_is_trained_again_not_reported_done(store, tmp_path, capfd, damage):
+    cfg = cfg_for("baseline", steps=10)
+    out = train_run(cfg, "baseline", 0, 0, store, progress=False, out=tmp_path / "r")
+    good = (out / checkpoint.WEIGHTS).read_bytes()
+    weights, metrics = out / checkpoint.WEIGHTS, out / checkpoint.METRICS
+    if damage == "truncate":
+        weights.write_bytes(good[:1000])
+    elif damage == "edit-weights":
+        weights.write_bytes(good[:-4] + bytes(b ^ 1 for b in good[-4:]))
+    elif damage == "edit-metrics":
+        metrics.write_text(metrics.read_text().replace('"step": 5', '"step": 6'))
+    else:
+        weights.unlink()
+    if damage != "edit-metrics":
+        with pytest.raises(checkpoint.CorruptRun) as err:  # named, not a bare SafetensorError or FileNotFoundError
+            checkpoint.load_sae(out)
+        assert str(err.value).startswith(str(weights)) and "Fix: train the run again" in str(err.value)
+    capfd.readouterr()
+    assert not train.is_finished(out, checkpoint.read_info(out)["run_hash"])
+    train_run(cfg, "baseline", 0, 0, store, progress=False, out=out)
+    said = capfd.readouterr().err
+    assert said.startswith("posae: training a run again: ") and said.count("\n") == 1, said
+    assert weights.read_bytes() == good  # trained again from the start, to the same bits
+
+
+def test_a_run_folder_is_its_path_identity(store, tmp_path):
+    out = train_run(cfg_for("baseline", steps=10), "baseline", 0, 0, store, progress=False,
+                    out=tmp_path / "saes" / "baseline" / "layer_0" / "seed_0")
+    assert checkpoint.path_identity(out) == {"variant": "baseline", "layer": 0, "seed": 0}
+    assert checkpoint.path_identity(tmp_path / "r") is None  # a folder elsewhere is not checked
+    info_path = out / checkpoint.INFO
+    info_path.write_text(info_path.read_text().replace('\n  "layer": 0,\n', '\n  "layer": 3,\n'))
+    with pytest.raises(checkpoint.CorruptRun) as err:
+        checkpoint.read_info(out)
+    assert str(err.value).startswith(f"{info_path}: says layer 3, but the folder is the run of layer 0 ")
+    assert "Fix: " in str(err.value)
+
+
+def test_a_run_from_before_digests_still_loads(store, tmp_path):
+    out = train_run(cfg_for("baseline", steps=10), "baseline", 0, 0, store, progress=False, out=tmp_path / "r")
+    info = json.loads((out / checkpoint.INFO).read_text())
+    del info["files"]
+    (out / checkpoint.INFO).write_text(json.dumps(info))
+    assert checkpoint.check_run(out) == info and train.is_finished(out, info["run_hash"])
+    checkpoint.load_sae(out)
 
 
 def test_metrics_have_namespaced_keys(store, tmp_path):

@@ -3,7 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+
+# Errors whose message already names what is wrong and the fix: printed as one line `error: ...`,
+# never a traceback (anything else still shows its traceback). Exit 2: the input or the state
+# found was refused before the work; 1: the work itself failed. Named by module, and matched only
+# when that module is loaded (it raised, so it is), so neither --help nor a config error imports torch.
+KNOWN_ERRORS = {
+    ("posae.config", "ConfigError"): 2,
+    ("posae.reproduce", "UnknownStage"): 2,
+    ("posae.reproduce", "ExecutorError"): 2,
+    ("posae.plan", "UnknownGPU"): 2,
+    ("posae.paths", "Busy"): 2,
+    ("posae.paths", "OutputNotWritable"): 2,
+    ("posae.export", "ExportError"): 2,
+    ("posae.store", "StoreError"): 2,
+    ("posae.checkpoint", "CheckpointMismatch"): 2,
+    ("posae.reproduce", "UpstreamNotReady"): 2,  # before StageFailed, its base: the first match wins
+    ("posae.reproduce", "StageFailed"): 1,
+    ("posae.train", "TrainingDiverged"): 1,
+}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def known_error(e: BaseException) -> tuple[str, int] | None:
+    """(the one line to print, the exit code) for an error of KNOWN_ERRORS or a full disk; None otherwise."""
+    for (module, name), code in KNOWN_ERRORS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            # An OSError's str() starts with "[Errno n]"; its strerror is the message itself.
+            return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)), code
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        from posae.paths import _explain_disk_full, runs_root
+
+        explained = e if "Fix:" in (e.strerror or "") else _explain_disk_full(e, e.filename or runs_root())
+        return explained.strerror, 1
+    return None
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -58,51 +94,43 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     args = parser.parse_args(argv)
-    from posae.config import ConfigError, device_env
+    try:
+        return _run(args)
+    except Exception as e:
+        known = known_error(e)
+        if known is None:
+            raise
+        print(f"error: {known[0]}", file=sys.stderr)
+        return known[1]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from posae.config import device_env
 
     # The notebooks papermill starts inherit the environment, so they see the override too.
     with device_env(getattr(args, "device", None)):
-        try:
-            if args.command == "reproduce":
-                from posae.paths import Busy
-                from posae.reproduce import ExecutorError, StageFailed, UnknownStage, reproduce
+        if args.command == "reproduce":
+            from posae.reproduce import reproduce
 
-                try:
-                    reproduce(args.config, force=_split(args.force), only=_split(args.only),
-                              variants=list(_split([args.variants])) if args.variants else None, jobs=args.jobs,
-                              executor=args.executor, scheduler=args.scheduler, workers=args.workers)
-                except StageFailed as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    return 1
-                except (UnknownStage, ExecutorError, Busy) as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    return 2
-            elif args.command == "capture":
-                from posae.capture import capture
-                from posae.config import load_config
+            # --variants "" is a list naming nothing (refused), not "all": only leaving it out means all.
+            reproduce(args.config, force=_split(args.force), only=_split(args.only),
+                      variants=list(_split([args.variants])) if args.variants is not None else None,
+                      jobs=args.jobs, executor=args.executor, scheduler=args.scheduler, workers=args.workers)
+        elif args.command == "capture":
+            from posae.capture import capture
+            from posae.config import load_config
 
-                capture(load_config(args.config))
-            elif args.command == "export-saelens":
-                from posae.export import ExportError, export_saelens
+            capture(load_config(args.config))
+        elif args.command == "export-saelens":
+            from posae.export import export_saelens
 
-                try:
-                    out = export_saelens(args.run_dir, args.out_dir, force=args.force)
-                except ExportError as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    return 2
-                print(f"wrote {out}: load it with sae_lens.SAE.load_from_disk({str(out)!r}); it takes raw activations")
-            elif args.command == "plan":
-                from posae.plan import UnknownGPU, format_plan, make_plan
+            out = export_saelens(args.run_dir, args.out_dir, force=args.force)
+            print(f"wrote {out}: load it with sae_lens.SAE.load_from_disk({str(out)!r}); it takes raw activations")
+        elif args.command == "plan":
+            from posae.plan import format_plan, make_plan
 
-                try:
-                    print(format_plan(make_plan(args.config, gpu=args.gpu)))
-                except UnknownGPU as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    return 2
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+            print(format_plan(make_plan(args.config, gpu=args.gpu)))
+    return 0
 
 
 if __name__ == "__main__":

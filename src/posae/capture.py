@@ -10,7 +10,8 @@ applies the final norm to it.
 Stores are written per (layer, split) through `posae.store.StoreWriter`, training split first so
 that validation gets the training mean and scale. Each store's content hash covers the model,
 corpus and capture settings, the resolved forward dtype and device, and the token ids; a complete
-store with the same hash is reused, and the model is not even loaded when all of them are.
+store with the same hash whose files still have the digests its meta.json records is reused, and the
+model is not even loaded when all of them are. A store whose data changed is recaptured, saying why.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def capture_lock(cfg: Config) -> Path:
 
 def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
     from posae import corpus, models
-    from posae.store import ActivationStore, is_complete
+    from posae.store import ActivationStore
 
     device = models.resolve_device(cfg.model.device)
     dtype = models.resolve_dtype(cfg.model.dtype, device)
@@ -181,13 +182,14 @@ def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
         clean_stale_temps(path.parent, path.name)
     hashes = {key: store_hash(cfg, key[0], key[1], dtype_name, device.type, token_hash) for key in paths}
 
-    todo_train = [layer for layer in cfg.capture.layers if not is_complete(paths[layer, "train"], hashes[layer, "train"])]
+    todo_train = [layer for layer in cfg.capture.layers if not reusable(paths[layer, "train"], hashes[layer, "train"])]
     # Validation is normalised with the training statistics: a new training store means a new validation store.
     todo_val = [layer for layer in cfg.capture.layers
-                if layer in todo_train or not is_complete(paths[layer, "val"], hashes[layer, "val"])]
+                if layer in todo_train or not reusable(paths[layer, "val"], hashes[layer, "val"])]
     reused = [layer for layer in cfg.capture.layers if layer not in todo_train + todo_val]
     if reused and progress:
-        print(f"posae: reusing the stores of layers {reused} (content hash unchanged)", file=sys.stderr)
+        print(f"posae: reusing the stores of layers {reused} (content hash unchanged, every file's digest checked)",
+              file=sys.stderr)
     if not todo_train and not todo_val:
         return paths
 
@@ -208,6 +210,17 @@ def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
         _capture_split(loaded, seqs_SL, {layer: paths[layer, split] for layer in layers}, metas, stats,
                        cfg.capture.batch_size, cfg.corpus.exclude_bos, progress, desc=f"capture {split}")
     return paths
+
+
+def reusable(path: Path, expect_hash: str) -> bool:
+    """A complete, intact store of this content hash is at `path`. One that is there but not reusable
+    (stale, truncated, its data changed) is said on stderr, with the file and why, before it is recaptured."""
+    from posae.store import reason, store_problem
+
+    problem = store_problem(path, expect_hash)
+    if problem is not None and path.exists():
+        print(f"posae: recapturing a store: {reason(problem)}", file=sys.stderr)
+    return problem is None
 
 
 def _capture_split(loaded: Any, seqs_SL: np.ndarray, out: dict[int, Path], metas: dict[int, dict],

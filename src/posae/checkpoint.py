@@ -4,28 +4,33 @@
 
     weights.safetensors      the SAE's parameters (fp32), plus normalisation.mean_D (the training mean μ)
     config.json              everything needed to rebuild it: variant, full config, seed, layer, d_model,
-                             k, seq_len, normalisation scale, store hash, git commit, step, done
+                             k, seq_len, normalisation scale, store hash, git commit, step, done, and the
+                             size and digest of each other file (`files`)
     metrics.jsonl            one line per logged step (namespaced keys: losses/*, metrics/*, perf/*)
     train_state.safetensors  optimizer moments and dead-feature counters; only while unfinished
 
 Every checkpoint rewrites the whole folder in one rename (`atomic_dir`), so a kill at any moment
 leaves either the previous checkpoint or the new one, never a mix. `load_sae` needs nothing but
-the folder.
+the folder. A run's identity (variant, layer, seed) is its path; `read_info` refuses a config.json
+that says otherwise, and `check_run` a file that is not the one config.json records (truncated,
+edited, copied in from another run).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from posae.config import SAEConfig, build_dataclass
 from posae.paths import atomic_dir, clean_stale_temps, run_dir
 from posae.saes import SAE, build
+from posae.store import file_problem, file_record
 
 FORMAT_VERSION = 1
 WEIGHTS, INFO, METRICS, STATE = "weights.safetensors", "config.json", "metrics.jsonl", "train_state.safetensors"
@@ -34,6 +39,15 @@ _NORM_PREFIX = "normalisation."
 
 class CheckpointMismatch(ValueError):
     """A run folder holds another variant or shape than expected; the message names both and the fix."""
+
+
+class CorruptRun(CheckpointMismatch):
+    """A run folder's file is unreadable, or not what its writer recorded (truncated, edited, from another
+    run, or saying another identity than its path); the message names the file and the fix."""
+
+
+RETRAIN = ("Fix: train the run again (rerun its training stage, e.g. `python -m posae reproduce`, or notebook "
+           "03_train for its variant): a run whose files do not check out is trained again into its folder")
 
 
 def save_run(out: Path, sae: SAE, info: dict[str, Any], metrics: list[dict[str, Any]], mean_D: torch.Tensor,
@@ -50,18 +64,77 @@ def save_run(out: Path, sae: SAE, info: dict[str, Any], metrics: list[dict[str, 
         if train_state is not None:
             save_file({k: v.contiguous() for k, v in train_state.items()}, str(tmp / STATE))
         (tmp / METRICS).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
-        (tmp / INFO).write_text(json.dumps({**info, "format_version": FORMAT_VERSION}, indent=2, sort_keys=True) + "\n")
+        # The digests go in config.json, not in the weights' metadata: the weights' bytes stay those of the SAE alone.
+        files = {name: file_record(tmp / name) for name in (WEIGHTS, METRICS, STATE) if (tmp / name).exists()}
+        (tmp / INFO).write_text(json.dumps({**info, "files": files, "format_version": FORMAT_VERSION}, indent=2,
+                                           sort_keys=True) + "\n")
 
 
 def read_info(folder: Path | str) -> dict[str, Any] | None:
-    """The run's config.json, or None where there is no run."""
-    path = Path(folder) / INFO
-    return json.loads(path.read_text()) if path.exists() else None
+    """The run's config.json, or None where there is no run; refused (`CorruptRun`) when it is not valid
+    JSON or names another variant, layer or seed than the folder's path."""
+    folder = Path(folder)
+    path = folder / INFO
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptRun(f"{path}: not valid JSON ({e}). {RETRAIN}") from None
+    if not isinstance(info, dict):
+        raise CorruptRun(f"{path}: not a JSON object. {RETRAIN}")
+    check_identity(folder, info)
+    return info
+
+
+_LAYER, _SEED = re.compile(r"layer_(\d+)"), re.compile(r"seed_(\d+)")
+
+
+def path_identity(folder: Path | str) -> dict[str, Any] | None:
+    """(variant, layer, seed) of a folder at ``saes/<variant>/layer_<L>/seed_<s>``; None for a folder elsewhere."""
+    folder = Path(folder)
+    layer, seed = _LAYER.fullmatch(folder.parent.name), _SEED.fullmatch(folder.name)
+    if layer is None or seed is None or len(folder.parents) < 3 or folder.parents[2].name != "saes":
+        return None
+    return {"variant": folder.parent.parent.name, "layer": int(layer[1]), "seed": int(seed[1])}
+
+
+def check_identity(folder: Path, info: dict[str, Any]) -> None:
+    """The path says which run this is; a config.json saying another (edited, or copied from another run) is refused."""
+    want = path_identity(folder)
+    for key in ("variant", "layer", "seed") if want else ():
+        if info.get(key) != want[key]:
+            raise CorruptRun(f"{folder / INFO}: says {key} {info.get(key)!r}, but the folder is the run of {key} "
+                             f"{want[key]!r} (a run's identity is its path, saes/<variant>/layer_<L>/seed_<s>). "
+                             f"{RETRAIN}; or, if this folder was moved here from another run's place, move it back")
+
+
+def check_run(folder: Path | str) -> dict[str, Any] | None:
+    """config.json (None where there is none) once every file it records has its recorded size and digest
+    (a few ms for a 3 MB run); raises `CorruptRun` naming the first that does not. A run written before
+    digests were recorded has none to check and passes."""
+    folder = Path(folder)
+    info = read_info(folder)
+    for name, recorded in (info or {}).get("files", {}).items():
+        problem = file_problem(folder / name, recorded, where=INFO)
+        if problem:
+            raise CorruptRun(f"{problem}. {RETRAIN}")
+    return info
 
 
 def read_metrics(folder: Path | str) -> list[dict[str, Any]]:
     path = Path(folder) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            lines.append(json.loads(line))
+        except ValueError as e:
+            raise CorruptRun(f"{path}: line {n} is not valid JSON ({e}). {RETRAIN}") from None
+    return lines
 
 
 def read_train_state(folder: Path | str) -> dict[str, torch.Tensor] | None:
@@ -78,12 +151,30 @@ def load_sae(folder: Path | str, device: str | torch.device = "cpu") -> SAE:
                                 "posae.train.train_variant (notebook 03_train)")
     sae_cfg = build_dataclass(SAEConfig, info["config"]["sae"], f"{folder / INFO}: config.sae")
     sae = build(info["variant"], info["d_model"], sae_cfg, info["seq_len"], seed=info["seed"])
-    with safe_open(str(folder / WEIGHTS), framework="pt", device=str(device)) as f:
-        saved_variant = (f.metadata() or {}).get("variant")
-        weights = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(_NORM_PREFIX)}
-    check_weights(folder, info, saved_variant, sae, weights)
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt", device=str(device)) as f:
+            saved_variant = (f.metadata() or {}).get("variant")
+            weights = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(_NORM_PREFIX)}
+    except (SafetensorError, OSError) as e:  # safetensors' own errors name no file
+        raise unreadable_weights(folder, info, e) from None
+    check_weights(folder, info, saved_variant, sae, weights)  # first: another variant's file is said as such
+    check_file(folder, info, WEIGHTS)
     sae.load_state_dict(weights)
     return sae.to(device).eval()
+
+
+def check_file(folder: Path, info: dict[str, Any], name: str) -> None:
+    """The file `name` of the run has the size and digest config.json records (when it records them)."""
+    recorded = info.get("files", {}).get(name)
+    problem = file_problem(folder / name, recorded, where=INFO) if recorded else None
+    if problem:
+        raise CorruptRun(f"{problem}. {RETRAIN}")
+
+
+def unreadable_weights(folder: Path, info: dict[str, Any], error: Exception) -> CorruptRun:
+    """The error for a weights file safetensors cannot read: its recorded size or digest's, when one differs."""
+    check_file(folder, info, WEIGHTS)
+    return CorruptRun(f"{folder / WEIGHTS}: unreadable ({type(error).__name__}: {error}). {RETRAIN}")
 
 
 def check_weights(folder: Path, info: dict[str, Any], saved_variant: str | None, sae: SAE,
@@ -105,10 +196,15 @@ def check_weights(folder: Path, info: dict[str, Any], saved_variant: str | None,
 
 def load_normalisation(folder: Path | str) -> tuple[torch.Tensor, float]:
     """(μ [D], scale) that map raw activations to the SAE's input scale: (x − μ) · scale."""
+    folder = Path(folder)
     info = read_info(folder)
     if info is None:
         raise FileNotFoundError(f"{folder}: no {INFO}")
-    mean_D = load_file(str(Path(folder) / WEIGHTS))[_NORM_PREFIX + "mean_D"]
+    check_file(folder, info, WEIGHTS)
+    try:
+        mean_D = load_file(str(folder / WEIGHTS))[_NORM_PREFIX + "mean_D"]
+    except (SafetensorError, OSError) as e:
+        raise unreadable_weights(folder, info, e) from None
     return mean_D, float(info["normalisation"]["scale"])
 
 
@@ -117,10 +213,11 @@ def load_normalisation(folder: Path | str) -> tuple[torch.Tensor, float]:
 
 def run_folders(config_name: str, variants: list[str] | None = None, layers: list[int] | None = None,
                 seeds: list[int] | None = None, finished_only: bool = True) -> list[Path]:
-    """Run folders under runs/<config>/saes/, sorted, filtered by variant, layer and seed."""
+    """Run folders under runs/<config>/saes/, sorted, filtered by variant, layer and seed (each config.json
+    checked against its path: `read_info`)."""
     found = []
     for info_path in sorted((run_dir(config_name) / "saes").glob(f"*/layer_*/seed_*/{INFO}")):
-        info = json.loads(info_path.read_text())
+        info = read_info(info_path.parent)
         if ((variants is None or info["variant"] in variants) and (layers is None or info["layer"] in layers)
                 and (seeds is None or info["seed"] in seeds) and (info["done"] or not finished_only)):
             found.append(info_path.parent)

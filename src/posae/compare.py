@@ -40,23 +40,25 @@ class Tolerance:
         return abs(new - ref) <= self.atol + self.rtol * abs(ref) + 1e-12
 
     def __str__(self) -> str:
-        return f"{self.atol:g}" + (f" + {self.rtol:.0%} of it" if self.rtol else "")
+        return f"{self.atol:g}" + (f" + {100 * self.rtol:g}% of it" if self.rtol else "")
 
 
-# Per metric (a column's name without _mean/_std); std columns get twice the allowance, since a
-# spread over six runs moves more than their mean. Set from the measured cross-CPU comparison.
+# Per metric (a column's name without _mean/_std), about four times the largest move measured between
+# an AMD EPYC (AVX512-BF16, no AMX) and an Intel Xeon (AMX) run of one commit (docs/reproducibility.md):
+# mse 0.09%, l1 0.5%, l0 0.6%, EV 0.0005, dead fraction 0.019, U and accuracies 0.0045, MSE ratio 0.0024.
+# Std columns get twice the allowance: a spread over six runs moves more than their mean.
 TOLERANCE = {
-    "mse": Tolerance(0.002, 0.05),
-    "l1": Tolerance(0.001, 0.05),
-    "l0": Tolerance(1.0, 0.05),
-    "explained_variance": Tolerance(0.01),
-    "dead_fraction": Tolerance(0.02),
-    "U": Tolerance(0.04),
-    "acc_global": Tolerance(0.03),
-    "acc_position": Tolerance(0.03),
-    "acc_all": Tolerance(0.03),
-    "acc_raw": Tolerance(0.03),
-    "mse_ratio": Tolerance(0.0, 0.05),
+    "mse": Tolerance(1e-4, 0.005),
+    "l1": Tolerance(1e-4, 0.02),
+    "l0": Tolerance(0.5, 0.02),
+    "explained_variance": Tolerance(0.002),
+    "dead_fraction": Tolerance(0.05),
+    "U": Tolerance(0.02),
+    "acc_global": Tolerance(0.02),
+    "acc_position": Tolerance(0.02),
+    "acc_all": Tolerance(0.02),
+    "acc_raw": Tolerance(0.02),
+    "mse_ratio": Tolerance(0.005, 0.005),
 }
 STD_FACTOR = 2.0
 

@@ -4,8 +4,9 @@ A run config (``params/<name>.yaml``) has the sections below; every key is optio
 default written here. ``params/variants/<variant>.yaml`` holds only what a variant changes in the
 ``sae`` and ``train`` sections (plus the variant's own ``options``); `posae.saes.variant_config` merges it.
 
-Validation happens entirely in `load_config`, before any heavy work: an unknown key, a wrong type
-or a value out of range raises one `ConfigError` naming the file, the key and the fix.
+Validation happens entirely in `load_config`, before any heavy work: an unknown or duplicated key,
+a wrong type, NaN or infinity, or a value out of range raises one `ConfigError` naming the file,
+the key and the fix.
 
 The environment variable ``POSAE_DEVICE`` (auto, cpu, cuda or mps) overrides ``model.device`` in
 every config `load_config` returns: the command line's ``--device`` sets it (`device_env`), so the
@@ -18,7 +19,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,11 +38,20 @@ class ConfigError(ValueError):
 
 
 def doc_field(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with its documentation and checks (min, max, choices) as metadata."""
+    """A dataclass field with its documentation and checks as metadata: min, max (inclusive bounds),
+    above, below (exclusive: a value at the bound cannot work), choices, and pattern (a regular
+    expression a string must match whole) with pattern_fix (what to write instead)."""
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple or a default_factory: no mutable defaults")
     return field(default=default, metadata={"help": help, **checks})
 
+
+# Seeds reach numpy, torch (which multiplies a training seed by ~1e6) and scikit-learn (which takes
+# 0..2**32 - 1), so they stay in the range every one of them accepts.
+SEED_MAX = 2**31 - 1
+
+# A config's name is a folder under runs/ and figures/: one plain path component, never '..' or '/'.
+NAME_PATTERN = r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 # Architectures of the 'random' model (transformers model types), each tested by tests/test_architectures.py.
 RANDOM_ARCHITECTURES = ("gemma3_text", "gemma2", "llama", "mistral", "qwen2", "phi", "gpt2", "gpt_neox", "opt")
@@ -62,7 +74,7 @@ class RandomModelConfig:
     num_kv_heads: int = doc_field(1, "key/value heads", min=1)
     head_dim: int = doc_field(16, "attention head width", min=1)
     max_position: int = doc_field(512, "maximum context length", min=2)
-    seed: int = doc_field(0, "initialisation seed", min=0)
+    seed: int = doc_field(0, "initialisation seed", min=0, max=SEED_MAX)
 
 
 @dataclass(frozen=True)
@@ -95,9 +107,9 @@ class CorpusConfig:
     text_field: str = doc_field("text", "column holding the text in a hub data set")
     seq_len: int = doc_field(128, "tokens per sequence, BOS included", min=2)
     n_train: int = doc_field(1000, "training sequences", min=1)
-    n_val: int = doc_field(1000, "validation sequences", min=1)
+    n_val: int = doc_field(1000, "validation sequences (the probes train on some and test on the others)", min=2)
     max_docs: int | None = doc_field(None, "read at most this many documents (None: as many as needed)", min=1)
-    seed: int = doc_field(0, "seed of the document shuffle that makes the split", min=0)
+    seed: int = doc_field(0, "seed of the document shuffle that makes the split", min=0, max=SEED_MAX)
     exclude_bos: bool = doc_field(True, "drop the BOS token's activation (its norm is 5-15x the mean token norm in Gemma 3 270M)")
 
 
@@ -109,7 +121,7 @@ class CaptureConfig:
 
 @dataclass(frozen=True)
 class SAEConfig:
-    expansion: float = doc_field(1.0, "dictionary size k = expansion x d (the paper: k = d)", min=0.0)
+    expansion: float = doc_field(1.0, "dictionary size k = expansion x d (the paper: k = d)", above=0.0)
     buckets: int = doc_field(8, "equal position buckets of the context, shared by position_masking and the probes", min=2)
     heads: int = doc_field(2, "attention-routing heads (paper: 8)", min=1)
     head_dim: int = doc_field(32, "attention-routing head width (paper: 64)", min=1)
@@ -122,11 +134,11 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seeds: tuple[int, ...] = doc_field((0, 1), "one run per seed")
+    seeds: tuple[int, ...] = doc_field((0, 1), "one run per seed", min=0, max=SEED_MAX)
     steps: int = doc_field(300, "optimizer steps", min=1)
     batch_size: int = doc_field(1024, "tokens per micro-batch (the paper's 256 is tokens)", min=1)
     grad_accum: int = doc_field(1, "micro-batches per optimizer step", min=1)
-    lr: float = doc_field(2e-3, "AdamW peak learning rate", min=0.0)
+    lr: float = doc_field(2e-3, "AdamW peak learning rate", above=0.0)
     lr_warmup: float = doc_field(0.05, "fraction of the steps over which the learning rate rises linearly from 0", min=0.0, max=1.0)
     lr_decay: float = doc_field(0.3, "fraction of the steps at the end over which it falls linearly to 0", min=0.0, max=1.0)
     betas: tuple[float, float] = doc_field((0.9, 0.999), "AdamW betas")
@@ -149,9 +161,9 @@ class ProbeConfig:
     """Evaluation on the validation split (notebook 04): position probes and reconstruction metrics."""
 
     tokens: int = doc_field(8000, "tokens subsampled (stratified by position) per probe, train and test together", min=16)
-    test_fraction: float = doc_field(0.2, "held-out share of validation sequences", min=0.0, max=1.0)
+    test_fraction: float = doc_field(0.2, "held-out share of validation sequences", above=0.0, below=1.0)
     max_iter: int = doc_field(200, "logistic-regression iterations", min=1)
-    seed: int = doc_field(0, "subsampling and split seed", min=0)
+    seed: int = doc_field(0, "subsampling and split seed", min=0, max=SEED_MAX)
     eval_sequences: int | None = doc_field(
         128, "whole validation sequences drawn for the reconstruction metrics, dead fraction and per-feature "
              "statistics (None: all); 128 x 127 tokens cost ~0.9 s of CPU per SAE at d = k = 640", min=1)
@@ -159,7 +171,10 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = doc_field("default", "the run's name: products go to runs/<name>/")
+    name: str = doc_field(
+        "default", "the run's name: products go to runs/<name>/ (default: the file's name)", pattern=NAME_PATTERN,
+        pattern_fix="use a plain folder name of letters, digits, '_', '.' and '-' (no '/', no '..'), e.g. name: "
+                    "my_run; without a name: key the file's name is used")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the language model"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig, metadata={"help": "the text"})
     capture: CaptureConfig = field(default_factory=CaptureConfig, metadata={"help": "activation capture"})
@@ -224,6 +239,10 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}. Fix: write a number such as 0.1")
         value = float(value)
+        # NaN compares false with every bound, so it would pass min and max; infinity is never a setting.
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {value!r} is not a finite number (YAML .nan or .inf). "
+                              "Fix: write a finite number such as 0.1")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}. Fix: write a whole number")
@@ -239,6 +258,16 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
         raise ConfigError(f"{where}: {value!r} is below the minimum {meta['min']}. Fix: use a value >= {meta['min']}")
     if "max" in meta and isinstance(value, (int, float)) and value > meta["max"]:
         raise ConfigError(f"{where}: {value!r} is above the maximum {meta['max']}. Fix: use a value <= {meta['max']}")
+    if "above" in meta and isinstance(value, (int, float)) and value <= meta["above"]:
+        problem = "is at the excluded bound" if value == meta["above"] else "is below the minimum"
+        raise ConfigError(f"{where}: {value!r} {problem} {meta['above']}, which cannot work. "
+                          f"Fix: use a value > {meta['above']}")
+    if "below" in meta and isinstance(value, (int, float)) and value >= meta["below"]:
+        problem = "is at the excluded bound" if value == meta["below"] else "is above the maximum"
+        raise ConfigError(f"{where}: {value!r} {problem} {meta['below']}, which cannot work. "
+                          f"Fix: use a value < {meta['below']}")
+    if "pattern" in meta and isinstance(value, str) and not re.fullmatch(meta["pattern"], value):
+        raise ConfigError(f"{where}: {value!r} is not a plain name. Fix: {meta['pattern_fix']}")
     return value
 
 
@@ -264,13 +293,71 @@ def check_parameter(name: str, value: Any, tp: Any, fix: str) -> Any:
         raise ConfigError(f"{str(e).split('. Fix:')[0]}. Fix: {fix}") from None
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping gives one key twice; `key` is its dotted path, the lines are 1-based."""
+
+    def __init__(self, key: str, first_line: int, line: int):
+        super().__init__(f"{key} at lines {first_line} and {line}")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys silently, so a second ``train:`` block would replace the
+    first whole. Dotted key paths: a mapping is constructed after its parent (PyYAML defers nested
+    nodes), so the parent records each child node's path first, in `_paths`.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}
+
+    def _name(self, node: yaml.Node, path: str) -> None:
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.SequenceNode):  # a sequence's items are constructed without construct_mapping
+            for i, item in enumerate(node.value):
+                self._name(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            prefix = self._paths.get(id(node), "")
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if earlier is not key_node:
+                    raise DuplicateKey(dotted, earlier.start_mark.line + 1, key_node.start_mark.line + 1)
+                self._name(value_node, dotted)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
+    """A YAML file's top-level mapping; invalid YAML or a key given twice raises ConfigError."""
+    loader = UniqueKeyLoader(path.read_text())  # what yaml.safe_load does, with this loader
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = loader.get_single_data() or {}
+    except DuplicateKey as e:
+        lines = f"on lines {e.first_line} and {e.line}" if e.first_line != e.line else f"on line {e.line}"
+        raise ConfigError(f"{path}: {e.key}: key given twice {lines}; YAML would keep only the second, silently "
+                          f"dropping the first. Fix: write {e.key} once, merging the two") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}). Fix: correct the syntax") from None
+        mark = getattr(e, "problem_mark", None)
+        # One line: PyYAML's own text spreads the position and a caret over several.
+        detail = (f"line {mark.line + 1}, column {mark.column + 1}: "
+                  f"{', '.join(p for p in (e.context, e.problem) if p)}" if mark is not None else " ".join(str(e).split()))
+        raise ConfigError(f"{path}: not valid YAML ({detail}). Fix: correct the syntax") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}. "
+                          "Fix: write the sections as key: value lines, e.g. train: {steps: 300}")
     return data
 
 
@@ -355,18 +442,31 @@ def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
         raise ConfigError(f"{path}: capture.layers is empty. Fix: list at least one layer, e.g. [3, 8, 13]")
     if len(set(layers)) != len(layers) or any(l < 0 for l in layers):
         raise ConfigError(f"{path}: capture.layers {list(layers)} must be distinct and >= 0. Fix: list each layer once")
-    if not cfg.train.seeds:
+    seeds = cfg.train.seeds
+    if not seeds:
         raise ConfigError(f"{path}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
+    if len(set(seeds)) != len(seeds):  # one run folder per seed: a repeated seed would be one run counted twice
+        raise ConfigError(f"{path}: train.seeds {list(seeds)} repeats a seed. Fix: list each seed once")
+    # As posae.probes.split_by_sequence splits the validation sequences: at least one on each side.
+    n_val, fraction = cfg.corpus.n_val, cfg.probe.test_fraction
+    n_test = max(1, round(fraction * n_val))
+    if n_test >= n_val:
+        raise ConfigError(f"{path}: probe.test_fraction {fraction} of corpus.n_val {n_val} sequences holds out "
+                          f"{n_test}, leaving no validation sequence to train the probes on. Fix: lower "
+                          f"probe.test_fraction to at most {math.floor(1000 * (n_val - 1) / n_val) / 1000}, or "
+                          "raise corpus.n_val")
     if cfg.sae.buckets > cfg.corpus.seq_len:
         raise ConfigError(f"{path}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")
     if check_model:
         from posae import corpus, models  # late import: these pull in transformers
 
-        check_model_fit(cfg, path, models.describe(cfg.model, path))
+        info = models.describe(cfg.model, path)
+        check_model_fit(cfg, path, info)
         corpus.check(cfg.corpus, path)
         from posae.saes import check_variants  # late import: torch
 
-        check_variants(cfg)  # sae.options' variant names and every params/variants/*.yaml
+        # sae.options' variant names, every params/variants/*.yaml, and the k each variant gets
+        check_variants(cfg, d_model=info.hidden_size)
 
 
 def check_model_fit(cfg: Config, path: Path | str, info: Any) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from posae import checkpoint
-from posae.paths import atomic_dir, clean_stale_temps
+from posae.paths import REPO_ROOT, atomic_dir, clean_stale_temps, runs_root
 from posae.saes import REGISTRY, SAE
 
 INSTALL_HINT = "pip install -e '.[saelens]'"
@@ -220,9 +220,35 @@ def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
                           "the run. Fix: choose an OUT_DIR outside it")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file, not a folder. Fix: pass a folder path for OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"{out_dir} already exists and is not empty. Fix: choose another OUT_DIR, or pass --force "
-                          "(force=True) to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise ExportError(f"{out_dir} already exists and is not empty. Fix: choose another OUT_DIR, or pass "
+                              "--force (force=True) to replace it")
+        found = pipeline_products(out)
+        if found:
+            raise ExportError(f"{out_dir}: --force would delete it, but {found}. Fix: choose an OUT_DIR that holds "
+                              "no products of the pipeline and lies outside runs/, e.g. exports/<name>; --force is for "
+                              "replacing an earlier export")
+
+
+def pipeline_products(folder: Path) -> str | None:
+    """What in `folder` (resolved) belongs to the pipeline, said as a clause; None when nothing does.
+
+    --force replaces OUT_DIR whole, so it must never be a runs/ root (the configured one or the
+    repository's), lie inside one or hold one, nor hold a trained run (config.json beside
+    weights.safetensors) or an activation store (meta.json beside acts.npy) of any config.
+    """
+    for root in dict.fromkeys((runs_root().resolve(), (REPO_ROOT / "runs").resolve())):
+        if folder == root or root in folder.parents:
+            return f"it is inside the runs folder {root}, which holds every config's products"
+        if folder in root.parents:
+            return f"it holds the runs folder {root}, which holds every config's products"
+    for marker, partner, what in ((checkpoint.INFO, checkpoint.WEIGHTS, "a trained SAE run"),
+                                  ("meta.json", "acts.npy", "an activation store")):
+        for found in sorted(folder.rglob(marker)):
+            if (found.parent / partner).is_file():
+                return f"it holds {what}, {found.parent}"
+    return None
 
 
 @torch.no_grad()

@@ -264,13 +264,17 @@ def as_variant_list(variants: str | Iterable[str] | None) -> list[str] | None:
 
 
 def find_runs(cfg: Config, variants: list[str] | None = None) -> list[Path]:
-    """Finished run folders of the configured layers; warns about expected runs that are missing."""
+    """Finished run folders of the configured layers; warns about expected runs that are missing.
+
+    Each run's identity is its path, checked against its config.json, and each of its files against the
+    size and digest config.json records (`checkpoint.check_run`): a corrupt run raises `CorruptRun`
+    naming the file, rather than being evaluated or counted twice."""
     folders = checkpoint.run_folders(cfg.name, variants, list(cfg.capture.layers))
     if not folders:
         which = f"variants {', '.join(variants)}" if variants else "any variant"
         raise FileNotFoundError(f"no finished SAE runs of {which} under {run_dir(cfg.name) / 'saes'}. "
                                 f"Fix: train them first (notebooks/03_train.ipynb -p variant <name>)")
-    found = {(i["variant"], i["layer"], i["seed"]) for i in map(checkpoint.read_info, folders)}
+    found = {(i["variant"], i["layer"], i["seed"]) for i in map(checkpoint.check_run, folders)}
     names = variants if variants is not None else sorted({v for v, _, _ in found})
     missing = [(v, layer, seed) for v in names for layer in cfg.capture.layers
                for seed in variant_config(cfg, v).train.seeds if (v, layer, seed) not in found]
@@ -391,7 +395,7 @@ def progress_iter(items: list, enabled: bool, desc: str):
         return items
     from posae.progress import bar
 
-    return bar(items, total=len(items), desc=desc, unit="run")
+    return bar(items, total=len(items), desc=desc, unit="runs")
 
 
 # --------------------------------------------------------------------------- tables for reading

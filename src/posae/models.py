@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from posae.config import ConfigError, ModelConfig, RandomModelConfig
-from posae.paths import REPO_ROOT, atomic_dir, cache_dir
+from posae.paths import REPO_ROOT, atomic_dir, cache_dir, shown
 
 GEMMA3_ALIAS = "gemma3-270m"
 RANDOM = "random"
@@ -422,7 +422,7 @@ def build_gemma3_cache(folder: Path | None = None) -> Path:
     The folder appears in one rename when complete (a killed build leaves no half cache).
     """
     folder = Path(folder) if folder is not None else cache_dir() / GEMMA3_ALIAS
-    print(f"posae: converting the Gemma 3 270M GGUF to safetensors in {folder} (once, ~1 min)", file=sys.stderr)
+    print(f"posae: converting the Gemma 3 270M GGUF to safetensors in {shown(folder)} (once, ~1 min)", file=sys.stderr)
     with atomic_dir(folder) as tmp:
         model, tokenizer = load_gemma3_gguf(tmp)
         for f in tmp.glob("*.gguf"):

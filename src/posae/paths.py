@@ -50,6 +50,17 @@ def sae_dir(config_name: str, variant: str, layer: int, seed: int) -> Path:
     return run_dir(config_name) / "saes" / variant / f"layer_{layer}" / f"seed_{seed}"
 
 
+def shown(path: Path | str) -> str:
+    """A path as a reader of a rendered notebook should see it: relative to the repository (or the home
+    folder), not the absolute path of the machine that ran it."""
+    path = Path(path).resolve()
+    for base, prefix in ((REPO_ROOT, ""), (runs_root().resolve(), "$POSAE_RUNS/"), (Path.home(), "~/")):
+        if path == base or base in path.parents:
+            rel = path.relative_to(base).as_posix()
+            return prefix + rel if prefix or rel != "." else "."
+    return str(path)
+
+
 def cache_dir() -> Path:
     base = os.environ.get("POSAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posae"
     return Path(base)
@@ -165,11 +176,12 @@ def _swap_in(tmp: Path, path: Path, attempts: int = 100) -> list[Path]:
     olds: list[Path] = []
     for attempt in range(attempts):
         old = path.with_name(f".{path.name}.old-{writer_tag()}.{attempt}")
-        try:
-            os.replace(path, old)
-            olds.append(old)
-        except FileNotFoundError:
-            pass  # nothing there (or another writer just moved it aside)
+        if path.exists():
+            try:
+                os.replace(path, old)
+                olds.append(old)
+            except FileNotFoundError:
+                pass  # another writer just moved it aside
         try:
             os.replace(tmp, path)
             return olds

@@ -1,12 +1,19 @@
 """The driver: run every notebook in order with papermill, render each to HTML, rebuild figures/.
 
 A stage is one executed notebook (03_train once per variant). Each finished stage leaves a record,
-``runs/<config>/stages/<stage>.json``, holding its fingerprint: a content hash of the notebook, its
-parameters, the config files it reads and the fingerprints of the stages it depends on. A stage
-whose record matches is skipped, so a second run does nothing, an interrupted run resumes at the
-first unfinished stage, and changing one variant's YAML reruns that variant's training and what
-reads it (probes, ablations, figures) only. Inside a stage the notebooks skip finished work too
-(a complete activation store, a finished SAE run), so a stage killed midway resumes cheaply.
+``runs/<config>/stages/<stage>.json``, holding its fingerprint (a content hash of the notebook, its
+parameters, the config files it reads and the fingerprints of the stages it depends on), the size
+and digest of every file of the products it owns (`products`: stores, run folders, CSVs, figures),
+and the digest of each upstream stage's products as they were when it ran. A stage is done, and
+skipped, only when all three still hold: its fingerprint matches, every product is there with its
+recorded size and digest (sha256, all re-hashed on every run: ~1.5 s for the default config's
+1.5 GB), and its upstream stages' products are the ones it read. So a second run does nothing, an
+interrupted run resumes at the first unfinished stage, changing one variant's YAML reruns that
+variant's training and what reads it (probes, ablations, figures) only, and a deleted, truncated or
+edited product reruns the stage that owns it (saying which file and why) and, when the repaired
+products differ, what reads them. Under --only, a stage whose upstream products are not as recorded
+stops before it starts (`UpstreamNotReady`). Inside a stage the notebooks skip finished work too (a
+complete activation store, a finished SAE run), so a stage killed midway resumes cheaply.
 
 The training stages run side by side, on this machine (`executor="local"`, a thread pool of
 notebooks) or on a Dask cluster (`executor="dask"`, one task per variant × layer × seed); every
@@ -19,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,8 +34,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posae.config import Config, load_config
-from posae.paths import (NOTEBOOKS_DIR, PARAMS_DIR, check_writable, lock_path, locked, run_dir, write_json_atomic,
-                         write_text_atomic)
+from posae.paths import (NOTEBOOKS_DIR, PARAMS_DIR, check_writable, lock_path, locked, run_dir, sae_dir,
+                         write_json_atomic, write_text_atomic)
 
 
 class UnknownStage(ValueError):
@@ -36,6 +44,11 @@ class UnknownStage(ValueError):
 
 class StageFailed(RuntimeError):
     """A notebook raised; the message carries its error and the path of the saved failed notebook."""
+
+
+class UpstreamNotReady(StageFailed):
+    """A stage about to run (under --only) needs products of a stage that is not run now, and one of them
+    is missing or not as recorded; the message names it and the fix. Raised before the stage starts."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +115,133 @@ def _record_path(cfg: Config, stage: Stage) -> Path:
     return run_dir(cfg.name) / "stages" / f"{stage.name.replace(':', '-')}.json"
 
 
-def is_done(cfg: Config, stage: Stage, fp: str) -> bool:
+def read_record(cfg: Config, stage: Stage) -> tuple[dict | None, str | None]:
+    """(the stage's record or None where there is none, why it cannot be read or None)."""
     path = _record_path(cfg, stage)
-    if not path.exists():
-        return False
-    return json.loads(path.read_text()).get("fingerprint") == fp
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"its record {path.relative_to(run_dir(cfg.name))} is not valid JSON ({e}), so it is not done"
+    if not isinstance(record, dict):
+        return None, f"its record {path.relative_to(run_dir(cfg.name))} is not a JSON object, so it is not done"
+    return record, None
+
+
+# --------------------------------------------------------------------------- the products a stage owns
+
+
+@dataclass(frozen=True)
+class Product:
+    """A file or folder a stage writes. `key` names it in the stage record, relative to runs/<config>/ (or
+    figures/ for the figures), so a copied runs folder keeps its records; `shown` is what a message says."""
+
+    key: str
+    path: Path
+    shown: str
+
+
+def _in_run(cfg: Config, path: Path) -> Product:
+    key = path.relative_to(run_dir(cfg.name)).as_posix()
+    return Product(key, path, key)
+
+
+def _capture_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.capture import store_paths
+
+    return [_in_run(cfg, p) for p in store_paths(cfg).values()]
+
+
+def _structure_products(cfg: Config, stage: Stage) -> list[Product]:
+    out = run_dir(cfg.name) / "notebooks" / f"{stage.output_stem}.ipynb"  # it writes no file of its own
+    return [_in_run(cfg, out), _in_run(cfg, out.with_suffix(".html"))]
+
+
+def _train_products(cfg: Config, stage: Stage) -> list[Product]:
+    variant = stage.parameters["variant"]
+    return [_in_run(cfg, sae_dir(cfg.name, variant, layer, seed)) for layer, seed in _train_runs(cfg, stage)]
+
+
+def _table_products(*names: str) -> Callable[[Config, Stage], list[Product]]:
+    return lambda cfg, stage: [_in_run(cfg, run_dir(cfg.name) / name) for name in names]
+
+
+def _probe_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.metrics import BY_POSITION_CSV, FEATURES_CSV, METRICS_CSV
+    from posae.probes import PROBES_CSV
+
+    return _table_products(METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV, PROBES_CSV)(cfg, stage)
+
+
+def _ablation_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.ablations import ABLATIONS_CSV, ABLATIONS_RUNS_CSV
+
+    return _table_products(ABLATIONS_CSV, ABLATIONS_RUNS_CSV)(cfg, stage)
+
+
+def _figure_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.figures import expected_outputs, figures_dir
+
+    return [Product(f"figures/{p.name}", p, str(p)) for p in expected_outputs(figures_dir(cfg.name))]
+
+
+# Stage kind (its name before any ":") -> what it owns; a kind not listed owns nothing beyond its record.
+_PRODUCTS: dict[str, Callable[[Config, Stage], list[Product]]] = {
+    "capture": _capture_products, "structure": _structure_products, "train": _train_products,
+    "probe": _probe_products, "ablations": _ablation_products, "figures": _figure_products,
+}
+
+
+def products(cfg: Config, stage: Stage) -> list[Product]:
+    """Every product `stage` writes for `cfg`: store folders, run folders, CSVs, figures."""
+    owner = _PRODUCTS.get(stage.name.split(":", 1)[0])
+    return owner(cfg, stage) if owner else []
+
+
+def _files(product: Product) -> dict[str, Path]:
+    """record key -> file, for each file of a product (a folder's files, hidden ones aside: locks and temps)."""
+    if not product.path.is_dir():
+        return {product.key: product.path}
+    return {f"{product.key}/{f.relative_to(product.path).as_posix()}": f for f in sorted(product.path.rglob("*"))
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(product.path).parts)}
+
+
+def describe(stage: Stage, owned: list[Product], notebook: Path) -> dict[str, dict]:
+    """The size and digest of every file of `owned`, for the record; a product the stage did not leave fails it."""
+    from posae.store import file_record
+
+    missing = [p.shown for p in owned if not p.path.exists()]
+    if missing:
+        raise StageFailed(f"stage {stage.name} ran to its end but left no {missing[0]}"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}. Fix: read the executed "
+                          f"notebook {notebook}; rerun the stage once the cause is fixed")
+    return {key: file_record(f) for p in owned for key, f in _files(p).items()}
+
+
+def product_problems(owned: list[Product], recorded: dict[str, dict]) -> list[tuple[str, Path | None]]:
+    """(why, the file to remove or None) for each product or file of `owned` that is not as `recorded`."""
+    from posae.store import file_problem
+
+    problems: list[tuple[str, Path | None]] = []
+    for p in owned:
+        keys = [k for k in recorded if k == p.key or k.startswith(p.key + "/")]
+        if not p.path.exists() or not keys:
+            problems.append((f"{p.shown} is {'missing' if not p.path.exists() else 'not in the stage record'}", None))
+            continue
+        for key in keys:
+            file = p.path / key[len(p.key) + 1:] if key != p.key else p.path
+            why = file_problem(file, recorded[key], shown=p.shown + key[len(p.key):])
+            if why:
+                problems.append((why, file if file.is_file() else None))
+    return problems
+
+
+def products_digest(record: dict | None) -> str | None:
+    """One digest of every recorded product file of a stage: what a downstream stage's record keeps of it."""
+    if record is None or "products" not in record:
+        return None
+    return hashlib.sha256(json.dumps(record["products"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def render_html(notebook: Path, html: Path) -> None:
@@ -183,31 +318,110 @@ def _threads_per_kernel(n: int):
 
 
 class _Run:
-    """One call of `reproduce`: what decides whether a stage runs, and what a finished stage leaves."""
+    """One call of `reproduce`: what decides whether a stage runs, and what a finished stage leaves.
 
-    def __init__(self, cfg: Config, fps: dict[str, str], force: tuple[str, ...], total: int,
+    A stage's records and product checks are read once per call and kept (`_records`, `_checked`): a
+    product checked, or written, earlier in the call is not hashed again when a later stage asks.
+    """
+
+    def __init__(self, cfg: Config, stages: list[Stage], fps: dict[str, str], force: tuple[str, ...], total: int,
                  log: Callable[[str], None]):
         self.cfg, self.fps, self.force, self.total, self.log = cfg, fps, force, total, log
+        self.stages = {s.name: s for s in stages}
         self.start = time.perf_counter()
+        self._records: dict[str, tuple[dict | None, str | None]] = {}
+        self._checked: dict[str, list[tuple[str, Path | None]]] = {}
+        self._lock = threading.Lock()  # the training stages ask from several threads
 
     def head(self, i: int, stage: Stage) -> str:
         return f"[{i}/{self.total}] {stage.name}"
 
+    def record(self, name: str) -> tuple[dict | None, str | None]:
+        with self._lock:
+            if name not in self._records:
+                self._records[name] = read_record(self.cfg, self.stages[name])
+            return self._records[name]
+
+    def problems(self, name: str) -> list[tuple[str, Path | None]]:
+        """What of the stage's recorded products is missing or changed (nothing to check without a record)."""
+        record, _ = self.record(name)
+        with self._lock:
+            if name not in self._checked:
+                recorded = (record or {}).get("products")
+                self._checked[name] = ([] if recorded is None else
+                                       product_problems(products(self.cfg, self.stages[name]), recorded))
+            return self._checked[name]
+
+    def why_not_done(self, stage: Stage) -> str | None:
+        """None when `stage` is done: its record's fingerprint matches, every product it owns is there with its
+        recorded size and digest, and its upstream stages' products are the ones it read. Otherwise why not
+        ('' when it never finished: nothing to say). Changed product files are removed here, so that the
+        rerun writes them afresh instead of reusing them (notebook 04 reuses its tables' rows, for one)."""
+        record, unreadable = self.record(stage.name)
+        if unreadable or record is None:
+            return unreadable or ""
+        problems = self.problems(stage.name)
+        if record.get("fingerprint") != self.fps[stage.name]:
+            changed = [p for p in problems if p[1] is not None]  # what is missing, the rerun simply makes
+            return ("its notebook, parameters, config files or an upstream stage changed"
+                    + (f"; and {self.remove_changed(stage, changed)}" if changed else ""))
+        if problems:
+            return self.remove_changed(stage, problems)
+        if "products" not in record:
+            return "its record predates product digests"
+        for dep in stage.depends:
+            if record.get("upstream", {}).get(dep) != products_digest(self.record(dep)[0]):
+                return f"the products of {dep} changed since it ran"
+        return None
+
+    def remove_changed(self, stage: Stage, problems: list[tuple[str, Path | None]]) -> str:
+        for _, file in problems:
+            if file is not None:
+                file.unlink(missing_ok=True)
+        why, file = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        with self._lock:
+            self._checked[stage.name] = [(w, None) for w, _ in problems]  # removed: not to be removed again
+        return why + ("; removed, the stage writes it again" if file is not None else "") + more
+
     def up_to_date(self, i: int, stage: Stage) -> bool:
         forced = stage.name in self.force or ("train" in self.force and stage.name.startswith("train:"))
-        if not forced and is_done(self.cfg, stage, self.fps[stage.name]):
+        why = self.why_not_done(stage)
+        if why is None and not forced:
             self.log(f"{self.head(i, stage)}: up to date, skipped")
             return True
+        if why:
+            self.log(f"{self.head(i, stage)}: rerunning: {why}")
         return False
+
+    def check_upstream(self, i: int, stage: Stage) -> dict[str, str | None]:
+        """Before `stage` runs: the products of the stages it reads, as recorded (a stage left out by --only
+        is not rerun, so it must be intact); returns their digests, for the record. A stage that never
+        finished through the driver has nothing recorded: its products are left to the notebook to find."""
+        for dep in stage.depends:
+            record, unreadable = self.record(dep)
+            problems = [(unreadable, None)] if unreadable else self.problems(dep)
+            if problems:
+                raise UpstreamNotReady(
+                    f"stage {stage.name} not run: it reads the products of {dep}, which --only leaves out, and one "
+                    f"is not as recorded: {problems[0][0]}. Fix: drop --only (the driver then reruns {dep} first), "
+                    f"or add {dep} to --only")
+            if record is None:
+                self.log(f"{self.head(i, stage)}: {dep} has no stage record (not run through the driver): "
+                         "its products are not checked")
+        return {dep: products_digest(self.record(dep)[0]) for dep in stage.depends}
 
     def starting(self, i: int, stage: Stage, what: str = "") -> None:
         self.log(f"{self.head(i, stage)}: running {what or stage.notebook} ({self.total - i} after it; "
                  f"elapsed {_fmt(time.perf_counter() - self.start)})")
 
-    def finish(self, i: int, stage: Stage, out: Path, seconds: float) -> dict:
-        write_json_atomic(_record_path(self.cfg, stage), {"stage": stage.name, "fingerprint": self.fps[stage.name],
-                                                           "seconds": seconds, "notebook": str(out),
-                                                           "finished": time.time()})
+    def finish(self, i: int, stage: Stage, out: Path, seconds: float, upstream: dict[str, str | None]) -> dict:
+        record = {"stage": stage.name, "fingerprint": self.fps[stage.name], "seconds": seconds, "notebook": str(out),
+                  "finished": time.time(), "products": describe(stage, products(self.cfg, stage), out),
+                  "upstream": upstream}
+        write_json_atomic(_record_path(self.cfg, stage), record)
+        with self._lock:
+            self._records[stage.name], self._checked[stage.name] = (record, None), []
         self.log(f"{self.head(i, stage)}: done in {_fmt(seconds)}")
         return {"stage": stage.name, "status": "ran", "seconds": seconds}
 
@@ -215,10 +429,11 @@ class _Run:
         """Run one stage here, through papermill, unless it is up to date."""
         if self.up_to_date(i, stage):
             return {"stage": stage.name, "status": "skipped", "seconds": 0.0}
+        upstream = self.check_upstream(i, stage)
         self.starting(i, stage)
         t0 = time.perf_counter()
         out = execute(self.cfg, stage)
-        return self.finish(i, stage, out, time.perf_counter() - t0)
+        return self.finish(i, stage, out, time.perf_counter() - t0, upstream)
 
 
 def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[str, ...] = (),
@@ -249,8 +464,12 @@ def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[
     for name in (*force, *only):
         if name not in known:
             raise UnknownStage(f"unknown stage {name!r}. Fix: use one of {', '.join(sorted(known))}")
-    check_writable(run_dir(cfg.name))  # an unwritable output fails now, not after the first stage
     selected = [s for s in stages if not only or s.name in only or ("train" in only and s.name.startswith("train:"))]
+    for name in force:  # a forced stage that --only leaves out would silently not run
+        if not any(s.name == name or (name == "train" and s.name.startswith("train:")) for s in selected):
+            raise UnknownStage(f"--force {name}: --only {','.join(only)} leaves that stage out, so it would not run. "
+                               f"Fix: add it to --only, or drop it from --force")
+    check_writable(run_dir(cfg.name))  # an unwritable output fails now, not after the first stage
     with driver_lock(cfg, config):
         return _reproduce(cfg, stages, selected, force, log, jobs, executor, scheduler, workers)
 
@@ -268,7 +487,7 @@ def _reproduce(cfg: Config, stages: list[Stage], selected: list[Stage], force: t
     fps: dict[str, str] = {}
     for stage in stages:
         fps[stage.name] = fingerprint(stage, cfg, fps)
-    run = _Run(cfg, fps, force, len(selected), log)
+    run = _Run(cfg, stages, fps, force, len(selected), log)
     # The other stages keep this process's thread settings, whatever starting a cluster did to them.
     own_threads = {k: os.environ.get(k) for k in _thread_env(TRAIN_THREADS)}
     rows: list[dict] = []
@@ -495,11 +714,12 @@ def _task_failed(stage: Stage, error: BaseException, run: tuple[int, int] | None
 def _run_on_dask(run: _Run, stages: list[tuple[int, Stage]], pool: DaskPool) -> list[dict]:
     """The training stages as Dask tasks: one per run, then the variant's notebook; first failure stops all."""
     rows: dict[str, dict] = {}
-    todo = []
+    todo, upstream = [], {}
     for i, stage in stages:
         if run.up_to_date(i, stage):
             rows[stage.name] = {"stage": stage.name, "status": "skipped", "seconds": 0.0}
         else:
+            upstream[stage.name] = run.check_upstream(i, stage)
             todo.append((i, stage))
     if todo:
         from distributed import as_completed
@@ -536,5 +756,5 @@ def _run_on_dask(run: _Run, stages: list[tuple[int, Stage]], pool: DaskPool) -> 
                 raise _task_failed(stage, error, r)
             if what[future][2] is None:
                 out, seconds = future.result()
-                rows[stage.name] = run.finish(i, stage, Path(out), seconds)
+                rows[stage.name] = run.finish(i, stage, Path(out), seconds, upstream[stage.name])
     return [rows[s.name] for _, s in stages]

@@ -7,17 +7,24 @@ Layout of ``runs/<config>/activations/layer_<L>/<split>/``::
     tokens.npy   [N] token ids      pos.npy [N] position in the sequence      seq.npy [N] sequence id
     mean.npy     [D] training mean (float32), used to centre
     meta.json    model, layer, split, dtypes, count, d_model, scale, content hash, the config settings
-                 it was captured under (a reader refuses a stale store: `open_layer_stores`), ...
+                 it was captured under (a reader refuses a stale store: `open_layer_stores`), and the
+                 size and digest of every array file (`files`), ...
 
 Stores are written into a temporary folder and renamed into place once complete (`atomic_dir`), so
-a folder named like a store with a meta.json is always whole. Normalisation (SPEC §4, §9): centre
-with the training mean μ, then multiply by one scale per layer chosen so that the mean squared norm
-of the centred training activations is d. Both live in the store; `normalised` applies them.
+a folder named like a store with a meta.json is always whole. What happens to it after is checked on
+reading: `ActivationStore.open` compares every file's size with meta.json's (a stat: free), and
+`verify` (which `is_complete`, hence the capture's decision to reuse a store, calls) its digest.
+
+Normalisation (SPEC §4, §9): centre with the training mean μ, then multiply by one scale per layer
+chosen so that the mean squared norm of the centred training activations is d. Both live in the
+store; `normalised` applies them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -38,6 +45,58 @@ class StoreError(RuntimeError):
     """A store is missing, incomplete, corrupt or stale; the message says which and what to do."""
 
 
+RECAPTURE = "Fix: run notebooks/01_capture_activations.ipynb for this config (it recaptures this store)"
+
+
+# --------------------------------------------------------------------------- file digests
+#
+# Every product records, where it is written, the size and a digest of each file it holds: a store in
+# its meta.json, an SAE run in its config.json (`posae.checkpoint`), a driver stage in its record
+# (`posae.reproduce`). A reader compares them, so a truncated, edited or swapped file is named instead
+# of read. sha256 (hashlib): ~1.0 s per GB on an idle core here (2.2 s under load), against xxh3-128's
+# 0.14 s; cheap enough for the default config's 1.5 GB of products, and a dependency we already have.
+
+DIGEST = "sha256"
+
+
+def hasher():
+    return hashlib.new(DIGEST)
+
+
+def file_digest(path: Path | str) -> str:
+    """`DIGEST:<hex>` of the file's bytes. Read, not memory-mapped: a file truncated while it is hashed
+    must give a wrong digest, not a SIGBUS."""
+    with open(path, "rb") as fh:
+        return f"{DIGEST}:{hashlib.file_digest(fh, DIGEST).hexdigest()}"
+
+
+def file_record(path: Path | str) -> dict[str, Any]:
+    """What a writer records of a file it wrote: its size and digest."""
+    return {"size": os.stat(path).st_size, "digest": file_digest(path)}
+
+
+def file_problem(path: Path | str, recorded: dict[str, Any], shown: str | None = None,
+                 where: str = "") -> str | None:
+    """Why the file at `path` is not the one `recorded` (by `file_record`, in the file `where` names) describes,
+    naming it as `shown`; None when it is. The size is compared first (a stat), the digest only then."""
+    shown = str(path) if shown is None else shown
+    where = f" in {where}" if where else ""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return f"{shown} is missing"
+    if size != recorded.get("size"):
+        return f"{shown}: size {size} != recorded {recorded.get('size')}{where}"
+    if file_digest(path) != recorded.get("digest"):
+        return f"{shown}: content changed (its digest differs from the one recorded{where} when it was written)"
+    return None
+
+
+def reason(message: str | BaseException) -> str:
+    """An error message without its `Fix: ...` part: what went wrong, for a line that says what happens next."""
+    return str(message).split(" Fix: ", 1)[0].rstrip(".")
+
+
 def _to_bf16_bits(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
@@ -52,12 +111,23 @@ class _NpyAppender:
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
         self.path, self.dtype = path, np.dtype(dtype)
         self._fh = open(path, "wb")
-        write_array_header_1_0(self._fh, {"descr": dtype_to_descr(self.dtype), "fortran_order": False,
-                                          "shape": shape})
-        self.header_bytes = self._fh.tell()
+        self._hash, self.size = hasher(), 0  # of every byte written: the digest costs no second read
+        header = io.BytesIO()
+        write_array_header_1_0(header, {"descr": dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+        self._put(header.getvalue())
+        self.header_bytes = self.size
+
+    def _put(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self.size += len(data)
 
     def write(self, arr: np.ndarray) -> None:
-        self._fh.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self._put(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+
+    def record(self) -> dict[str, Any]:
+        """`file_record` of what was written, without reading it back."""
+        return {"size": self.size, "digest": f"{DIGEST}:{self._hash.hexdigest()}"}
 
     def close(self) -> None:
         if not self._fh.closed:
@@ -145,8 +215,11 @@ class StoreWriter:
             mean_D, scale = self.stats_from.mean_D.astype(np.float32), self.stats_from.scale
         np.save(self._tmp / "mean.npy", mean_D)
         self._close_files()
+        files = {f"{name}.npy": f.record() for name, f in (("acts", self._acts), *self._idx.items())}
+        files["mean.npy"] = file_record(self._tmp / "mean.npy")
         meta = {**self.meta, "format_version": FORMAT_VERSION, "count": self._n, "d_model": self.d_model,
-                "storage_dtype": self._storage, "scale": scale, "abs_max": self._absmax}
+                "storage_dtype": self._storage, "scale": scale, "abs_max": self._absmax,
+                "files": dict(sorted(files.items()))}
         # meta.json last: a store without it is never opened.
         (self._tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -194,18 +267,20 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: Path | str, expect_hash: str | None = None) -> "ActivationStore":
+        """Open a complete store: meta.json readable, every file the size meta.json records (digests: `verify`).
+
+        A store written before digests were recorded (no `files` in meta.json) opens unverified: its
+        arrays' shapes are still checked, and recapturing is the user's call, not a surprise."""
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.exists():
-            raise StoreError(f"{path}: no complete activation store here (meta.json missing). "
-                             "Fix: run notebooks/01_capture_activations.ipynb for this config")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: store format {meta.get('format_version')} is not {FORMAT_VERSION}. "
                              "Fix: delete the folder and capture again")
         if expect_hash is not None and meta.get("hash") != expect_hash:
             raise StoreError(f"{path}: stale store, captured with content hash {meta.get('hash')} but the config "
                              f"now hashes to {expect_hash}. Fix: run 01_capture_activations again for this config")
+        for name, recorded in meta.get("files", {}).items():
+            _check_size(path / name, recorded)
         N, D = int(meta["count"]), int(meta["d_model"])
         arrays = {}
         for name in _ARRAYS:
@@ -219,8 +294,20 @@ class ActivationStore:
                 raise StoreError(f"{path / (name + '.npy')}: shape {arr.shape}, meta.json says {want}. "
                                  "Fix: delete the folder and capture again")
             arrays[name] = arr
-        mean_D = np.load(path / "mean.npy", allow_pickle=False)
+        try:
+            mean_D = np.load(path / "mean.npy", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path / 'mean.npy'}: unreadable or truncated ({e}). "
+                             "Fix: delete the folder and capture again") from None
         return cls(path, meta, arrays, mean_D)
+
+    def verify(self) -> "ActivationStore":
+        """Every file's digest against meta.json's (~1 s per GB); raises naming the first that differs."""
+        for name, recorded in self.meta.get("files", {}).items():
+            problem = file_problem(self.path / name, recorded, where="meta.json")
+            if problem:
+                raise StoreError(f"{problem}. {RECAPTURE}")
+        return self
 
     def raw(self, idx) -> torch.Tensor:
         """Raw activations of rows `idx` as float32 [len(idx), D]."""
@@ -236,12 +323,43 @@ class ActivationStore:
         return self.normalise(self.raw(idx))
 
 
-def is_complete(path: Path | str, expect_hash: str | None = None) -> bool:
+def _check_size(file: Path, recorded: dict[str, Any]) -> None:
     try:
-        ActivationStore.open(path, expect_hash)
-    except StoreError:
-        return False
-    return True
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise StoreError(f"{file}: missing, though meta.json lists it. "
+                         "Fix: delete the folder and capture again") from None
+    if size != recorded.get("size"):
+        raise StoreError(f"{file}: unreadable or truncated ({size} bytes, meta.json records "
+                         f"{recorded.get('size')}). Fix: delete the folder and capture again")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise StoreError(f"{path}: no complete activation store here (meta.json missing). "
+                         "Fix: run notebooks/01_capture_activations.ipynb for this config")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{meta_path}: not valid JSON ({e}). {RECAPTURE}") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path}: not a JSON object. {RECAPTURE}")
+    return meta
+
+
+def store_problem(path: Path | str, expect_hash: str | None = None) -> str | None:
+    """Why `path` is not a complete, intact store of content hash `expect_hash` (the error's message), or None."""
+    try:
+        ActivationStore.open(path, expect_hash).verify()
+    except StoreError as e:
+        return str(e)
+    return None
+
+
+def is_complete(path: Path | str, expect_hash: str | None = None) -> bool:
+    """A store is there, whole (sizes and digests as recorded), and of this content hash."""
+    return store_problem(path, expect_hash) is None
 
 
 def write_store(path: Path | str, acts_ND, tokens_N, pos_N, seq_N, meta: dict[str, Any],

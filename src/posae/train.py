@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from posae import checkpoint, models, notebook
 from posae.config import Config, ConfigError, TrainConfig, check_parameter, load_config, to_dict
 from posae.paths import clean_stale_temps, lock_path, locked, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
-from posae.store import ActivationStore, open_layer_stores
+from posae.store import ActivationStore, open_layer_stores, reason
 
 # --------------------------------------------------------------------------- public entry point
 
@@ -107,14 +108,14 @@ def train_run(cfg: Config, variant: str, layer: int, seed: int, store: Activatio
     on the host and each micro-batch is copied to the device.
     """
     out = Path(out) if out is not None else sae_dir(cfg.name, variant, layer, seed)
+    clean_stale_temps(out.parent, out.name)  # what a killed run left beside it, even if it finished
     ident = run_hash(cfg, variant, layer, seed, store)
     if is_finished(out, ident):
         return out
     # One trainer per run folder: a hand-run notebook 03 waits for the driver's kernel (or the other
     # way round) and then finds the run finished.
     with locked(lock_path(out, "train"), f"training {variant} layer {layer} seed {seed}"):
-        clean_stale_temps(out.parent, out.name)  # what a killed run left beside it
-        if is_finished(out, ident):
+        if is_finished(out, ident, say=True):
             return out
         return _train_run(cfg, variant, layer, seed, store, progress, out, device, ident)
 
@@ -461,7 +462,10 @@ def save_checkpoint(state: TrainState, out: Path, info: dict, store: ActivationS
 
 def diverged(step: int, info: dict[str, Any], out: Path) -> TrainingDiverged:
     """The error for a NaN or infinite loss at `step`, saying which checkpoint is kept."""
-    kept = checkpoint.read_info(out)
+    try:
+        kept = checkpoint.check_run(out)
+    except checkpoint.CorruptRun:
+        kept = None  # not a checkpoint to resume from
     if kept is not None and kept.get("run_hash") == info["run_hash"]:
         where = f"the last good checkpoint (step {kept['step']}) is kept in {out}"
     else:
@@ -484,8 +488,12 @@ def train_tensors(state: TrainState) -> dict[str, Tensor]:
 
 def resume(out: Path, ident: str, cfg: Config, variant: str, seed: int, store: ActivationStore,
            device: torch.device | str = "cpu") -> TrainState | None:
-    """The state of an unfinished run of the same identity saved in `out`, else None (start afresh)."""
-    info = checkpoint.read_info(out)
+    """The state of an unfinished run of the same identity saved in `out`, else None (start afresh, also
+    when a file of `out` is not what its config.json records: `is_finished` said which)."""
+    try:
+        info = checkpoint.check_run(out)
+    except checkpoint.CorruptRun:
+        return None
     if info is not None and info.get("variant") != variant:
         raise checkpoint.CheckpointMismatch(
             f"{out}: this run folder holds a {info.get('variant')} SAE, not {variant}, and training {variant} here "
@@ -511,8 +519,18 @@ def resume(out: Path, ident: str, cfg: Config, variant: str, seed: int, store: A
     return state
 
 
-def is_finished(out: Path, ident: str) -> bool:
-    info = checkpoint.read_info(out)
+def is_finished(out: Path, ident: str, say: bool = False) -> bool:
+    """`out` holds the finished run `ident`, every file as its config.json records (`checkpoint.check_run`).
+
+    A truncated or edited file, or a config.json naming another run than its path, is not finished: the
+    run is trained again (resumed when its checkpoint checks out); with `say`, one line on stderr says why.
+    """
+    try:
+        info = checkpoint.check_run(out)
+    except checkpoint.CorruptRun as e:
+        if say:
+            print(f"posae: training a run again: {reason(e)}", file=sys.stderr, flush=True)
+        return False
     return bool(info and info.get("done") and info.get("run_hash") == ident)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from posae.config import Config, ConfigError, SAEConfig, TrainConfig, build_dataclass, read_yaml, to_dict
 from posae.paths import PARAMS_DIR
-from posae.saes.base import SAE, ForwardOutput, NoOptions, options_dict
+from posae.saes.base import SAE, ForwardOutput, NoOptions, dictionary_size, options_dict
 
 __all__ = ["REGISTRY", "register", "get", "build", "variant_config", "variant_path", "check_variants",
            "SAE", "ForwardOutput", "NoOptions", "options_dict"]
@@ -66,7 +66,7 @@ def variant_path(name: str) -> Path:
 def parse_options(name: str, options: dict[str, Any], where: str = "sae.options") -> Any:
     """The variant's Options instance from a plain mapping, validated (unknown keys, types, ranges)."""
     cls = get(name).Options
-    return build_dataclass(cls, dict(options), where)
+    return build_dataclass(cls, dict(options), where + ".")  # the prefix of each dotted key
 
 
 def build(name: str, d_model: int, sae_cfg: SAEConfig, seq_len: int, seed: int = 0) -> SAE:
@@ -100,8 +100,25 @@ def variant_config(cfg: Config, name: str) -> Config:
     return dataclasses.replace(cfg, sae=sae, train=train)
 
 
-def check_variants(cfg: Config, names: list[str] | None = None) -> None:
-    """Validate the run config's per-variant options and every variant file, before heavy work."""
+def check_variants(cfg: Config, names: list[str] | None = None, d_model: int | None = None) -> None:
+    """Validate the run config's per-variant options and every variant file, before heavy work.
+
+    `names` are the variants a run asks for (the driver's ``--variants``): each known, each once,
+    at least one; None checks every registered variant. With `d_model` (the model's width), also
+    that each variant can be built with the k = expansion x d features its settings give
+    (`SAE.size_problem`: e.g. even for a split dictionary, enough position features for the buckets).
+    """
+    if names is not None:
+        known = ", ".join(sorted(REGISTRY))
+        if not names:
+            raise ConfigError(f"--variants names no variant. Fix: give one or more of {known}, comma-separated, "
+                              "or leave --variants out to train them all")
+        for name in names:
+            if name not in REGISTRY:
+                raise ConfigError(f"--variants: unknown variant {name!r}. Fix: use one of {known}")
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise ConfigError(f"--variants names {repeated[0]} twice. Fix: name each variant once")
     options = cfg.sae.options
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise ConfigError(f"{cfg.source}: sae.options must map variant names to their options. Fix: write "
@@ -111,7 +128,14 @@ def check_variants(cfg: Config, names: list[str] | None = None) -> None:
             raise ConfigError(f"{cfg.source}: sae.options.{name}: unknown variant. Fix: use one of "
                               f"{', '.join(sorted(REGISTRY))}")
     for name in names if names is not None else sorted(REGISTRY):
-        variant_config(cfg, name)
+        sae = variant_config(cfg, name).sae
+        if d_model is None:
+            continue
+        k = dictionary_size(sae.expansion, d_model)
+        problem = REGISTRY[name].size_problem(k, d_model, sae)
+        if problem is not None:
+            raise ConfigError(f"{cfg.source}: sae.expansion {sae.expansion} gives the {name} SAE k = {k} features "
+                              f"(d = {d_model}), which it cannot use: {problem}")
 
 
 def _discover() -> None:

@@ -51,7 +51,10 @@ class SAE(nn.Module):
         """Build through `posae.saes.build`, which validates `options` and seeds `generator`."""
         super().__init__()
         self.d_model = d_model
-        self.k = max(1, round(sae_cfg.expansion * d_model))
+        self.k = dictionary_size(sae_cfg.expansion, d_model)
+        problem = self.size_problem(self.k, d_model, sae_cfg)
+        if problem is not None:
+            raise ValueError(f"{self.name}: {problem}")
         self.seq_len = seq_len
         self.cfg = sae_cfg
         self.options = options
@@ -63,6 +66,19 @@ class SAE(nn.Module):
         self.W_enc_DK = nn.Parameter(W_dec_KD.T.contiguous())
         self.b_enc_K = nn.Parameter(torch.zeros(self.k))
         self.b_dec_D = nn.Parameter(torch.zeros(d_model))
+
+    @classmethod
+    def size_problem(cls, k: int, d_model: int, sae_cfg: SAEConfig) -> str | None:
+        """Why this variant cannot be built with `k` features, ending in the fix; None when it can.
+
+        Asked when a config loads (`posae.saes.check_variants`, so a bad sae.expansion stops before
+        any capture) and by the constructor; a variant that splits its dictionary extends it.
+        """
+        if k < 2:
+            return (f"k = {k} features is too few: probes and ablations split every dictionary into a global "
+                    f"and a position half. Fix: raise sae.expansion to at least {2 / d_model:.3g} "
+                    f"(k = expansion x d, d = {d_model})")
+        return None
 
     # ------------------------------------------------------------------ the interface
 
@@ -132,6 +148,11 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d={self.d_model}, k={self.k}, seq_len={self.seq_len}, options={self.options}"
+
+
+def dictionary_size(expansion: float, d_model: int) -> int:
+    """k = expansion x d, rounded (at least 1; `SAE.size_problem` says which k a variant can take)."""
+    return max(1, round(expansion * d_model))
 
 
 def vec_mat(v_D: Tensor, W_DK: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from posae.config import SAEConfig
 from posae.saes.base import SAE
 
 
@@ -11,11 +12,16 @@ class GroupedSAE(SAE):
     """Features [0, k/2) are global, [k/2, k) position-specific (the paper's f_g and f_p, eq. 5)."""
 
     def __init__(self, d_model, sae_cfg, seq_len, options, generator):
-        super().__init__(d_model, sae_cfg, seq_len, options, generator)
-        if self.k % 2:
-            raise ValueError(f"{self.name}: the dictionary size k = {self.k} must be even to split into a global "
-                             f"and a position half. Fix: choose sae.expansion so that expansion x {d_model} is even")
+        super().__init__(d_model, sae_cfg, seq_len, options, generator)  # checks size_problem
         self.n_global = self.k // 2
+
+    @classmethod
+    def size_problem(cls, k: int, d_model: int, sae_cfg: SAEConfig) -> str | None:
+        problem = super().size_problem(k, d_model, sae_cfg)
+        if problem is None and k % 2:
+            return (f"the dictionary size k = {k} must be even to split into a global and a position half. "
+                    f"Fix: choose sae.expansion so that expansion x {d_model} is even")
+        return problem
 
     @property
     def groups(self) -> dict[str, range]:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from posae.config import SAEConfig
 from posae.saes import register
 from posae.saes.grouped import GroupedSAE
 
@@ -25,13 +26,18 @@ class PositionMasking(GroupedSAE):
         from posae.probes import position_bucket  # late: probes pulls in scikit-learn
 
         buckets, P = sae_cfg.buckets, self.k - self.n_global
-        if P < buckets:
-            raise ValueError(f"position_masking: {P} position features cannot fill {buckets} buckets. "
-                             "Fix: raise sae.expansion or lower sae.buckets")
         bucket_T = torch.from_numpy(position_bucket(np.arange(seq_len), seq_len, buckets))
         bucket_P = torch.arange(P) * buckets // P
         # Derived from the config alone, so not saved with the weights.
         self.register_buffer("mask_TP", (bucket_T[:, None] == bucket_P[None, :]).float(), persistent=False)
+
+    @classmethod
+    def size_problem(cls, k: int, d_model: int, sae_cfg: SAEConfig) -> str | None:
+        problem = super().size_problem(k, d_model, sae_cfg)
+        if problem is None and k // 2 < sae_cfg.buckets:  # each bucket needs a block of at least one feature
+            return (f"its {k // 2} position features (half of k = {k}) cannot fill {sae_cfg.buckets} buckets. "
+                    "Fix: raise sae.expansion or lower sae.buckets")
+        return problem
 
     def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
         f_BK = torch.relu(self.pre_acts(x_BD))

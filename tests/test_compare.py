@@ -1,0 +1,77 @@
+"""The CI comparison of a reproduction with the committed figures: it must see a moved cell and a changed
+verdict (planted positives), and pass the committed folder against itself (planted negative)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from posae.compare import TOLERANCE, compare, tolerance
+from posae.paths import FIGURES_DIR
+
+COMMITTED = FIGURES_DIR / "default"
+
+
+@pytest.fixture
+def copy(tmp_path):
+    out = tmp_path / "new"
+    out.mkdir()
+    for name in ("table1.csv", "claims.csv"):
+        shutil.copy(COMMITTED / name, out / name)
+    return out
+
+
+def test_the_committed_figures_agree_with_themselves(copy):
+    assert compare(COMMITTED, copy) == []
+
+
+def test_a_cell_moved_beyond_its_tolerance_is_named_with_both_values(copy):
+    table = pd.read_csv(copy / "table1.csv")
+    before = table.loc[table.variant == "hierarchical", "mse_mean"].item()
+    table.loc[table.variant == "hierarchical", "mse_mean"] = before * 1.2
+    table.to_csv(copy / "table1.csv", index=False)
+    problems = compare(COMMITTED, copy)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"table1.csv: hierarchical/learned, mse_mean: {before:.4g} -> {before * 1.2:.4g} "
+                                  "(moved +")
+
+
+def test_a_move_within_the_tolerance_passes(copy):
+    table = pd.read_csv(copy / "table1.csv")
+    table["U_mean"] += 0.5 * TOLERANCE["U"].atol
+    table.to_csv(copy / "table1.csv", index=False)
+    assert compare(COMMITTED, copy) == []
+
+
+def test_a_changed_verdict_or_a_paper_number_fails(copy):
+    claims = pd.read_csv(copy / "claims.csv")
+    was = claims.loc[0, "verdict"]
+    claims.loc[0, "verdict"] = "holds" if was != "holds" else "differs"
+    claims.to_csv(copy / "claims.csv", index=False)
+    table = pd.read_csv(copy / "table1.csv")
+    table.loc[0, "paper_mse_mean"] += 0.01
+    table.to_csv(copy / "table1.csv", index=False)
+    problems = compare(COMMITTED, copy)
+    assert any("verdict" in p and repr(was) in p for p in problems), problems
+    assert any("paper_mse_mean" in p and "must be equal" in p for p in problems), problems
+
+
+def test_the_command_exits_1_and_prints_the_cell(copy):
+    table = pd.read_csv(copy / "table1.csv")
+    table.loc[table.variant == "baseline", "runs"] = 5
+    table.to_csv(copy / "table1.csv", index=False)
+    p = subprocess.run([sys.executable, "-m", "posae.compare", str(COMMITTED), str(copy)], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "table1.csv: baseline/arbitrary, runs: 6 -> 5 (must be equal)" in p.stdout
+    ok = subprocess.run([sys.executable, "-m", "posae.compare", str(COMMITTED), str(COMMITTED)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_every_measured_column_of_table1_has_a_tolerance():
+    table = pd.read_csv(COMMITTED / "table1.csv")
+    ours = [c for c in table if c.endswith(("_mean", "_std")) and not c.startswith("paper_")]
+    assert [c for c in ours if tolerance(c) is None] == []
