@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from posae import corpus, models
+from posae.data import corpus, models
 from posae.config import ConfigError, CorpusConfig
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from posae import figures
-from posae.figures import CANNOT, DIFFERS, HOLDS, VERDICTS, RunTables
+from posae.report import figures
+from posae.report.figures import CANNOT, DIFFERS, HOLDS, VERDICTS, RunTables
 from posae.paths import REPO_ROOT
 from posae.saes import REGISTRY
 

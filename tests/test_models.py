@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from posae import models
+from posae.data import models
 from posae.config import ConfigError, ModelConfig, RandomModelConfig
 
 

@@ -11,7 +11,7 @@ from posae import checkpoint, train
 from posae.config import Config, ConfigError, SAEConfig, TrainConfig
 from posae.paths import activations_dir
 from posae.saes import REGISTRY, variant_config
-from posae.store import file_record, write_store
+from posae.data.store import file_record, write_store
 from posae.train import ReconLoss, batch_indices, lr_at, l1_at, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from posae.config import SAEConfig, build_dataclass
 from posae.paths import atomic_dir, clean_stale_temps, run_dir
 from posae.saes import SAE, build
-from posae.store import file_problem, file_record
+from posae.data.store import file_problem, file_record
 
 FORMAT_VERSION = 1
 WEIGHTS, INFO, METRICS, STATE = "weights.safetensors", "config.json", "metrics.jsonl", "train_state.safetensors"

@@ -41,11 +41,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from posae import checkpoint, models
+from posae import checkpoint
+from posae.data import models
 from posae.config import Config, check_parameter
 from posae.paths import atomic_path, lock_path, locked, run_dir
 from posae.saes import SAE, get, variant_config
-from posae.store import ActivationStore, open_layer_stores
+from posae.data.store import ActivationStore, open_layer_stores
 
 METRICS_VERSION = 1  # bump when a definition changes: cached rows with an older key are recomputed
 METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV = "val_metrics.csv", "mse_by_position.csv", "feature_stats.csv"
@@ -103,10 +104,6 @@ def eval_rows(store: ActivationStore, n_sequences: int | None, seed: int) -> np.
     return np.arange(len(seq_N))
 
 
-def store_seq_len(store: ActivationStore) -> int:
-    return int(store.meta["seq_len"])
-
-
 @torch.inference_mode()
 def accumulate(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int = 4096) -> Sums:
     """One pass of `sae` over the store's rows `rows_N`, `chunk` tokens at a time.
@@ -117,7 +114,7 @@ def accumulate(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int 
     Runs on the SAE's device (`checkpoint.load_sae(folder, device)`); only the per-chunk sums come back.
     """
     groups = sae.probe_groups()
-    s = Sums(sae.d_model, sae.k, store_seq_len(store), groups, sae.groups is not None)
+    s = Sums(sae.d_model, sae.k, store.seq_len, groups, sae.groups is not None)
     W_dec_KD = sae.W_dec_KD.float()
     device = W_dec_KD.device
     for start in range(0, len(rows_N), chunk):

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from posae.config import Config, load_config
+from posae.config import Config
+from posae.checks import load_config
 from posae.paths import (NOTEBOOKS_DIR, PARAMS_DIR, check_writable, lock_path, locked, run_dir, sae_dir,
                          write_json_atomic, write_text_atomic)
 
 
 class UnknownStage(ValueError):
-    """A --force/--only name that is not a stage of the plan."""
+    """A --force/--only name that is not a stage of the stage list."""
 
 
 class StageFailed(RuntimeError):
@@ -78,7 +79,7 @@ def config_parameter(cfg: Config) -> str:
     return cfg.name if source == (PARAMS_DIR / f"{cfg.name}.yaml").resolve() else str(source)
 
 
-def plan(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
+def stage_list(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
     """The stages of a full reproduction of `cfg`, in order."""
     variants = variant_names() if variants is None else variants
     p = {"config": config_parameter(cfg)}
@@ -148,7 +149,7 @@ def _in_run(cfg: Config, path: Path) -> Product:
 
 
 def _capture_products(cfg: Config, stage: Stage) -> list[Product]:
-    from posae.capture import store_paths
+    from posae.data.capture import store_paths
 
     return [_in_run(cfg, p) for p in store_paths(cfg).values()]
 
@@ -168,20 +169,20 @@ def _table_products(*names: str) -> Callable[[Config, Stage], list[Product]]:
 
 
 def _probe_products(cfg: Config, stage: Stage) -> list[Product]:
-    from posae.metrics import BY_POSITION_CSV, FEATURES_CSV, METRICS_CSV
-    from posae.probes import PROBES_CSV
+    from posae.eval.metrics import BY_POSITION_CSV, FEATURES_CSV, METRICS_CSV
+    from posae.eval.probes import PROBES_CSV
 
     return _table_products(METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV, PROBES_CSV)(cfg, stage)
 
 
 def _ablation_products(cfg: Config, stage: Stage) -> list[Product]:
-    from posae.ablations import ABLATIONS_CSV, ABLATIONS_RUNS_CSV
+    from posae.eval.ablations import ABLATIONS_CSV, ABLATIONS_RUNS_CSV
 
     return _table_products(ABLATIONS_CSV, ABLATIONS_RUNS_CSV)(cfg, stage)
 
 
 def _figure_products(cfg: Config, stage: Stage) -> list[Product]:
-    from posae.figures import expected_outputs, figures_dir
+    from posae.report.figures import expected_outputs, figures_dir
 
     return [Product(f"figures/{p.name}", p, str(p)) for p in expected_outputs(figures_dir(cfg.name))]
 
@@ -209,7 +210,7 @@ def _files(product: Product) -> dict[str, Path]:
 
 def describe(stage: Stage, owned: list[Product], notebook: Path) -> dict[str, dict]:
     """The size and digest of every file of `owned`, for the record; a product the stage did not leave fails it."""
-    from posae.store import file_record
+    from posae.data.store import file_record
 
     missing = [p.shown for p in owned if not p.path.exists()]
     if missing:
@@ -221,7 +222,7 @@ def describe(stage: Stage, owned: list[Product], notebook: Path) -> dict[str, di
 
 def product_problems(owned: list[Product], recorded: dict[str, dict]) -> list[tuple[str, Path | None]]:
     """(why, the file to remove or None) for each product or file of `owned` that is not as `recorded`."""
-    from posae.store import file_problem
+    from posae.data.store import file_problem
 
     problems: list[tuple[str, Path | None]] = []
     for p in owned:
@@ -256,7 +257,7 @@ def execute(cfg: Config, stage: Stage) -> Path:
     """Run one notebook through papermill; returns the executed notebook's path."""
     import papermill as pm
 
-    from posae.kernels import QuietKernelManager
+    from posae.pipeline.kernels import QuietKernelManager
 
     out_dir = run_dir(cfg.name) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -459,7 +460,7 @@ def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[
         from posae.saes import check_variants
 
         check_variants(cfg, variants)  # unknown, repeated or no names
-    stages = plan(cfg, variants)
+    stages = stage_list(cfg, variants)
     known = {s.name for s in stages} | {"train"}
     for name in (*force, *only):
         if name not in known:
@@ -508,7 +509,7 @@ def _reproduce(cfg: Config, stages: list[Stage], selected: list[Stage], force: t
 
 def publish_renders(cfg: Config) -> Path:
     """Copy the HTML renders beside the figures, so a reader sees every notebook without running one."""
-    from posae.figures import figures_dir
+    from posae.report.figures import figures_dir
 
     out = figures_dir(cfg.name) / "notebooks"
     for html in sorted((run_dir(cfg.name) / "notebooks").glob("*.html")):
@@ -579,7 +580,7 @@ def check_executor(executor: str, scheduler: str | None, workers: int | None, jo
 
 def task_env(cfg: Config) -> dict[str, str]:
     """The environment every task runs in: absolute product paths, one thread, the hub settings."""
-    from posae.figures import figures_dir
+    from posae.report.figures import figures_dir
     from posae.paths import cache_dir, runs_root
 
     env = {"POSAE_RUNS": str(runs_root().resolve()), "POSAE_FIGURES": str(figures_dir(cfg.name).parent.resolve()),

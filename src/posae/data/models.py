@@ -50,7 +50,7 @@ class Loaded(NamedTuple):
 
 
 # The public config.json of hub models a config may name without a local copy, so that such a
-# config validates offline and `posae.plan` can count its FLOPs (paper.yaml runs gemma-2-2b on a
+# config validates offline and `posae.pipeline.cost` can count its FLOPs (paper.yaml runs gemma-2-2b on a
 # machine with hub access; this one has none). Used only when the model's config is not cached.
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "google/gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
@@ -194,6 +194,18 @@ def describe(model_cfg: ModelConfig, path: Path | str | None = None) -> ModelInf
         "or a hub id; for a new hub id, fetch its config once with network access "
         "(`hf download <id> config.json`) so that it validates offline"
     )
+
+
+def check_fit(cfg: Any, path: Path | str, info: ModelInfo) -> None:
+    """The one rule that a config fits its model: the capture layers exist in it and a sequence fits its
+    context. Used by `posae.checks.load_config`, the capture (for configs built in code) and the cost estimate."""
+    bad = [l for l in cfg.capture.layers if not 0 <= l < info.num_layers]
+    if bad:
+        raise ConfigError(f"{path}: capture.layers has {bad[0]}, but {cfg.model.name} has {info.num_layers} layers "
+                          f"(0..{info.num_layers - 1}). Fix: use layers below {info.num_layers}")
+    if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
+        raise ConfigError(f"{path}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
+                          f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}")
 
 
 def _describe_random(r: RandomModelConfig, path: Path | str | None) -> ModelInfo:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from posae import checkpoint
 from posae.config import Config
-from posae.metrics import Evaluation, evaluate_all, find_runs, progress_iter, write_csv_atomic
+from posae.eval.metrics import Evaluation, evaluate_all, find_runs, progress_iter, write_csv_atomic
 from posae.paths import run_dir
 
 ABLATIONS_CSV, ABLATIONS_RUNS_CSV = "ablations.csv", "ablations_runs.csv"
@@ -71,7 +71,7 @@ DIAGNOSTICS = {"gate_activation": "gate_mean", "mask_activation": "mask_mean"}
 class Ablations(NamedTuple):
     summary: pd.DataFrame  # ablations.csv
     runs: pd.DataFrame  # ablations_runs.csv
-    evaluation: Evaluation  # the validation metrics they read (posae.metrics)
+    evaluation: Evaluation  # the validation metrics they read (posae.eval.metrics)
 
 
 # --------------------------------------------------------------------------- one table per ablation (pure)
@@ -145,7 +145,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 def run_ablations(cfg: Config, progress: bool = True, write: bool = True) -> Ablations:
     """Every ablation over every finished run of `cfg`; writes ablations.csv and ablations_runs.csv.
 
-    The validation metrics come from `posae.metrics.evaluate_all`, which reuses the rows notebook 04
+    The validation metrics come from `posae.eval.metrics.evaluate_all`, which reuses the rows notebook 04
     saved when the weights and settings still match, and computes them otherwise.
     """
     evaluation = evaluate_all(cfg, progress=progress, write=False)

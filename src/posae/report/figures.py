@@ -8,15 +8,15 @@ Everything is written under `figures_dir(config)`, ``figures/<config>/`` at the 
     probe_accuracies.{png,pdf}           the probe accuracies behind U
     mse_ratio.{png,pdf}                  validation MSE relative to the baseline, ours beside the paper's
     mse_by_position.{png,pdf}            validation MSE at each position, per variant
-    ablation_<name>.{png,pdf}            the ablations of §6.3 (`posae.ablations.PAPER`), the paper's value marked
+    ablation_<name>.{png,pdf}            the ablations of §6.3 (`posae.eval.ablations.PAPER`), the paper's value marked
     position_structure.{png,pdf}         raw activations (notebook 02): norm by position, raw probe accuracy
     table1.{csv,md}                      Table 1: per variant, our statistics beside the paper's numbers
     claims.{csv,md}                      each claim of the paper, our value, the paper's, and a verdict
     run_info.json                        config, machine, stage timings and wall time of the run
 
-Inputs: val_metrics.csv, mse_by_position.csv (`posae.metrics`), probes.csv (`posae.probes`),
-ablations.csv and ablations_runs.csv (`posae.ablations`), the runs' metrics.jsonl
-(`posae.checkpoint.metrics_frame`), the validation activation stores (norms, `posae.structure`), and
+Inputs: val_metrics.csv, mse_by_position.csv (`posae.eval.metrics`), probes.csv (`posae.eval.probes`),
+ablations.csv and ablations_runs.csv (`posae.eval.ablations`), the runs' metrics.jsonl
+(`posae.checkpoint.metrics_frame`), the validation activation stores (norms, `posae.eval.structure`), and
 the records the driver leaves in stages/ and environment/.
 
 Verdicts (claims.csv), computed by `claims` from the numbers, never written by hand:
@@ -45,13 +45,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from posae import plots
-from posae.ablations import ABLATIONS_CSV, ABLATIONS_RUNS_CSV, PAPER
+from posae.report import plots
+from posae.eval.ablations import ABLATIONS_CSV, ABLATIONS_RUNS_CSV, PAPER
 from posae.checkpoint import metrics_frame
 from posae.config import Config
-from posae.metrics import BY_POSITION_CSV, METRICS_CSV, write_csv_atomic
+from posae.eval.metrics import BY_POSITION_CSV, METRICS_CSV, write_csv_atomic
 from posae.paths import FIGURES_DIR, REPO_ROOT, run_dir, write_json_atomic, write_text_atomic
-from posae.probes import PROBES_CSV
+from posae.eval.probes import PROBES_CSV
 
 FIGURES_ENV = "POSAE_FIGURES"
 BASELINE = "baseline"
@@ -111,8 +111,8 @@ def _in_variant_order(df: pd.DataFrame) -> pd.DataFrame:
 def read_tables(cfg: Config) -> RunTables:
     """Every table the figures need, from runs/<config>/; the norms are recomputed from the validation
     stores (a fraction of a second per layer), since notebook 02 only displays them."""
-    from posae.store import open_layer_stores
-    from posae.structure import norm_by_position
+    from posae.data.store import open_layer_stores
+    from posae.eval.structure import norm_by_position
 
     norms = pd.concat([norm_by_position(store).assign(layer=layer)
                        for layer, store in open_layer_stores(cfg, "val").items()], ignore_index=True)
@@ -443,7 +443,7 @@ def claims(tables: RunTables, table: pd.DataFrame | None = None) -> pd.DataFrame
 def claims_markdown(df: pd.DataFrame) -> str:
     show = df[["claim", "source", "paper", "ours", "verdict", "reason"]].assign(verdict=df["verdict"].map("**{}**".format))
     return markdown_table(show) + (
-        "\nVerdicts are computed from the numbers (`posae.figures`): **holds** when our mean ± std (over seeds and "
+        "\nVerdicts are computed from the numbers (`posae.figures`): **holds** when our mean ± std (over seeds and "  # `posae.figures`: claims.md is a product; its bytes stay
         "layers) overlaps the paper's interval (its mean ± std, the bound, or 0 widened by the probe's noise), for "
         "every variant the claim covers; **differs** when it does not for at least one; **cannot be compared** "
         "where the paper's scale is unstated or we have no measurement.\n")
