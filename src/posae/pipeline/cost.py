@@ -285,7 +285,7 @@ def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str
     g = GPUS[key]
     return Plan(
         config=cfg.name, source=cfg.source, model=cfg.model.name, architecture_from=arch_from,
-        n_layers=int(text.num_hidden_layers), d_model=d, intermediate=_intermediate(text),
+        n_layers=int(text.num_hidden_layers), d_model=d, intermediate=models.mlp_width(text),
         heads=int(getattr(text, "num_attention_heads", 1)),
         params_total=sum(p.numel() for p in model.parameters()),
         params_run=params_run(model, max(cfg.capture.layers)),
@@ -310,14 +310,6 @@ def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def _intermediate(text: Any) -> int:
-    for attr in ("intermediate_size", "n_inner", "ffn_dim"):
-        value = getattr(text, attr, None)
-        if value:
-            return int(value)
-    return 4 * int(text.hidden_size)
-
-
 # --------------------------------------------------------------------------- the model's shapes
 
 
@@ -326,19 +318,18 @@ def hf_config(cfg: Config) -> tuple[Any, str]:
     from transformers import AutoConfig
 
     from posae.data import models
-    from posae.paths import cache_dir
 
-    name, mc = cfg.model.name, cfg.model
-    if name == models.RANDOM:
+    name, mc, source = cfg.model.name, cfg.model, models.resolve_source(cfg.model)
+    if source.kind == "random":
         raise ValueError("the random model is built by `meta_model`")
-    if name == models.GEMMA3_ALIAS:
-        folder = cache_dir() / name
+    if source.kind == "gemma3":
+        folder = source.location
         if (folder / "config.json").is_file():
             with models.hub_offline():
                 return AutoConfig.from_pretrained(folder, local_files_only=True), f"{folder / 'config.json'}"
         return AutoConfig.for_model(**models.KNOWN_CONFIGS[name]), "posae.data.models.KNOWN_CONFIGS (not converted yet)"
-    folder = models.local_folder(name)
-    if folder is not None:
+    if source.kind == "folder":
+        folder = source.location
         with models.hub_offline():
             return (AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=mc.trust_remote_code),
                     str(folder / "config.json"))
@@ -364,7 +355,7 @@ def meta_model(cfg: Config) -> tuple[Any, Any, str]:
 
     from posae.data import models
 
-    if cfg.model.name == models.RANDOM:
+    if models.resolve_source(cfg.model).kind == "random":
         tokenizer = models.random_tokenizer()
         with torch.device("meta"):
             model = models.random_model(cfg.model.random, len(tokenizer), tokenizer)
