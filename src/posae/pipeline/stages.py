@@ -81,10 +81,12 @@ def config_parameter(cfg: Config) -> str:
 
 def stage_list(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
     """The stages of a full reproduction of `cfg`, in order."""
+    from posae.saes import variant_path
+
     variants = variant_names() if variants is None else variants
     p = {"config": config_parameter(cfg)}
     trains = [Stage(f"train:{v}", "03_train.ipynb", {**p, "variant": v}, ("capture",),
-                    (PARAMS_DIR / "variants" / f"{v}.yaml",)) for v in variants]
+                    (variant_path(v),)) for v in variants]
     train_names = tuple(s.name for s in trains)
     variant_files = tuple(f for s in trains for f in s.inputs)
     return [

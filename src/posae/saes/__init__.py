@@ -60,6 +60,7 @@ def get(name: str) -> type[SAE]:
 
 
 def variant_path(name: str) -> Path:
+    """params/variants/<name>.yaml: the one place a variant's file is named (it need not exist)."""
     return PARAMS_DIR / "variants" / f"{name}.yaml"
 
 
