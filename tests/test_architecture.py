@@ -3,7 +3,8 @@
 Every module under src/posae is parsed with `ast`; an import at module level and one inside a function
 are separate edge kinds. (1) The module-level imports have no cycle (a cycle makes import order matter).
 (2) No edge, of either kind, runs from an earlier layer to a later one: base < data < saes < checks <
-train < eval < report < pipeline. Inside `eval` the notebooks' order holds too: the shared primitives
+train < eval < report < pipeline (base includes `paper`, the quoted numbers, since notebook 05 writes
+them into ablations.csv). Inside `eval` the notebooks' order holds too: the shared primitives
 (probing) < metrics (03) and structure (02) < probes (04) < ablations (05), so notebook 02's structure
 does not import notebook 04's probes. The pipeline is the top layer: its lazy imports of everything are
 downward by construction.
@@ -18,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "posae"
 
 # (layer name, the modules in it: exact names, or a prefix ending in "."), lowest first.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("posae", "posae.paths", "posae.config", "posae.progress", "posae.provenance")),
+    ("base", ("posae", "posae.paths", "posae.config", "posae.progress", "posae.provenance", "posae.paper")),
     ("data", ("posae.data", "posae.data.")),
     ("saes", ("posae.saes", "posae.saes.")),
     ("checks", ("posae.checks",)),

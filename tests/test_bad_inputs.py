@@ -51,7 +51,7 @@ from posae.data.store import store_settings
 from posae.checkpoint import CheckpointMismatch
 from posae.config import ConfigError
 from posae.checks import load_config
-from posae.eval.metrics import as_variant_list
+from posae.saes import as_variant_list
 from posae.notebook import setup
 from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPO_ROOT, Busy, OutputNotWritable, atomic_path, sae_dir
 from posae.pipeline.export import ExportError, export_saelens, pipeline_products

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from posae.report.figures import figures_dir
+from posae.paths import figures_dir
 from posae.paths import run_dir
 from posae.pipeline.stages import ExecutorError, StageFailed, reproduce
 

@@ -22,8 +22,8 @@ import pytest
 from posae import checkpoint
 from posae.__main__ import main
 from posae.checks import load_config
-from posae.report.figures import figures_dir
-from posae.eval.metrics import find_runs
+from posae.paths import figures_dir
+from posae.checkpoint import find_runs
 from posae.paths import run_dir
 from posae.pipeline.stages import UpstreamNotReady, reproduce
 

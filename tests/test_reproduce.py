@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from posae.checks import load_config
-from posae.report.figures import figures_dir
+from posae.paths import figures_dir
 from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
 from posae.pipeline.stages import Stage, StageFailed, UnknownStage, execute, fingerprint, reproduce, stage_list
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from posae.config import SAEConfig, build_dataclass
+from posae.config import Config, SAEConfig, build_dataclass
 from posae.paths import atomic_dir, clean_stale_temps, run_dir
-from posae.saes import SAE, build
+from posae.saes import SAE, build, variant_config
 from posae.data.store import file_problem, file_record
 
 FORMAT_VERSION = 1
@@ -271,3 +272,25 @@ def runs_frame(config_name: str, variants: list[str] | None = None, layers: list
 
 
 _TABLE_METRICS = ("mse", "explained_variance", "l0", "l1", "dead_fraction", "resampled_fraction")
+
+
+def find_runs(cfg: Config, variants: list[str] | None = None) -> list[Path]:
+    """Finished run folders of the configured layers; warns about expected runs that are missing.
+
+    Each run's identity is its path, checked against its config.json, and each of its files against the
+    size and digest config.json records (`checkpoint.check_run`): a corrupt run raises `CorruptRun`
+    naming the file, rather than being evaluated or counted twice."""
+    folders = run_folders(cfg.name, variants, list(cfg.capture.layers))
+    if not folders:
+        which = f"variants {', '.join(variants)}" if variants else "any variant"
+        raise FileNotFoundError(f"no finished SAE runs of {which} under {run_dir(cfg.name) / 'saes'}. "
+                                f"Fix: train them first (notebooks/03_train.ipynb -p variant <name>)")
+    found = {(i["variant"], i["layer"], i["seed"]) for i in map(check_run, folders)}
+    names = variants if variants is not None else sorted({v for v, _, _ in found})
+    missing = [(v, layer, seed) for v in names for layer in cfg.capture.layers
+               for seed in variant_config(cfg, v).train.seeds if (v, layer, seed) not in found]
+    if missing:
+        shown = ", ".join(f"{v}/layer {layer}/seed {seed}" for v, layer, seed in missing[:6])
+        warnings.warn(f"{len(missing)} configured runs are not trained (e.g. {shown}); they are left out. "
+                      f"Fix: run notebooks/03_train.ipynb for them", stacklevel=2)
+    return folders

@@ -34,7 +34,11 @@ from posae import checkpoint
 from posae.data import models
 from posae.config import Config
 from posae.eval.probing import ProbeSample, fit_probe, probe_sample, raw_accuracy, split_by_sequence, stratified_subsample  # noqa: F401 (re-exported)
-from posae.eval.metrics import as_variant_list, check_normalisation, find_runs, progress_iter, write_csv_atomic
+from posae.checkpoint import find_runs
+from posae.eval.metrics import check_normalisation
+from posae.paths import write_csv_atomic
+from posae.progress import progress_iter
+from posae.saes import as_variant_list
 from posae.paths import lock_path, locked, run_dir
 from posae.saes import SAE
 from posae.saes.buckets import position_bucket  # noqa: F401 (re-exported)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from posae.config import Config
 from posae.checks import load_config
-from posae.paths import (NOTEBOOKS_DIR, PARAMS_DIR, check_writable, lock_path, locked, run_dir, sae_dir,
+from posae.paths import (NOTEBOOKS_DIR, PARAMS_DIR, check_writable, figures_dir, lock_path, locked, run_dir, sae_dir,
                          write_json_atomic, write_text_atomic)
 
 
@@ -184,7 +184,7 @@ def _ablation_products(cfg: Config, stage: Stage) -> list[Product]:
 
 
 def _figure_products(cfg: Config, stage: Stage) -> list[Product]:
-    from posae.report.figures import expected_outputs, figures_dir
+    from posae.report.figures import expected_outputs
 
     return [Product(f"figures/{p.name}", p, str(p)) for p in expected_outputs(figures_dir(cfg.name))]
 
@@ -511,7 +511,6 @@ def _reproduce(cfg: Config, stages: list[Stage], selected: list[Stage], force: t
 
 def publish_renders(cfg: Config) -> Path:
     """Copy the HTML renders beside the figures, so a reader sees every notebook without running one."""
-    from posae.report.figures import figures_dir
 
     out = figures_dir(cfg.name) / "notebooks"
     for html in sorted((run_dir(cfg.name) / "notebooks").glob("*.html")):
@@ -582,7 +581,6 @@ def check_executor(executor: str, scheduler: str | None, workers: int | None, jo
 
 def task_env(cfg: Config) -> dict[str, str]:
     """The environment every task runs in: absolute product paths, one thread, the hub settings."""
-    from posae.report.figures import figures_dir
     from posae.paths import cache_dir, runs_root
 
     env = {"POSAE_RUNS": str(runs_root().resolve()), "POSAE_FIGURES": str(figures_dir(cfg.name).parent.resolve()),

@@ -140,7 +140,7 @@ def position_share_histograms(features: pd.DataFrame, threshold: float = 0.5) ->
 def ablation(runs: pd.DataFrame, name: str, paper: tuple | None, xlabel: str, percent: bool = False) -> plt.Figure:
     """One ablation: each run as a dot (colour = layer), the mean ± std over runs as a bar, per variant;
     the paper's mean ± std as a shaded band. `runs` is ablations_runs.csv; `paper` starts with
-    (mean, std, text), as `posae.eval.ablations.PAPER` entries do, or is None where the paper has no figure."""
+    (mean, std, text), as `posae.paper.PAPER_ABLATIONS` entries do, or is None where the paper has no figure."""
     df = runs[runs["ablation"] == name].dropna(subset=["value"])
     scale = 100.0 if percent else 1.0
     df = df.assign(value=df["value"] * scale, layer=df["layer"].map("layer {}".format))
