@@ -28,7 +28,7 @@ def runs_root() -> Path:
 @pytest.fixture(scope="session")
 def smoke_reproduction(runs_root):
     """The whole smoke pipeline, once: returns the driver's rows (stage, status, seconds)."""
-    from posae.pipeline.stages import reproduce
+    from posae.pipeline.driver import reproduce
 
     rows = reproduce("smoke", log=lambda line: None)
     return rows

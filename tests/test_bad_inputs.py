@@ -55,7 +55,8 @@ from posae.saes import as_variant_list
 from posae.notebook import setup
 from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPO_ROOT, Busy, OutputNotWritable, atomic_path, sae_dir
 from posae.pipeline.export import ExportError, export_saelens, pipeline_products
-from posae.pipeline.stages import ExecutorError, UnknownStage, reproduce, stage_list
+from posae.pipeline.driver import ExecutorError, reproduce
+from posae.pipeline.stages import UnknownStage, stage_list
 from posae.saes import REGISTRY, variant_config
 from posae.data.store import StoreError, open_layer_stores, write_store
 from posae.train import TrainingDiverged, train_variant
@@ -457,7 +458,7 @@ def test_15_unwritable_output_folder(prior, monkeypatch):
         setup(str(prior.yaml))
     says(err, f"{blocker / 'runs' / 'prior'}: cannot write the run's products here (Not a directory: ",
          "). Fix: make the folder writable, or set POSAE_RUNS to a writable folder")
-    monkeypatch.setattr("posae.pipeline.stages.execute", lambda *a: pytest.fail("a stage ran"))
+    monkeypatch.setattr("posae.pipeline.driver.execute", lambda *a: pytest.fail("a stage ran"))
     with pytest.raises(OutputNotWritable, match="cannot write the run's products here"):
         reproduce(str(prior.yaml), log=lambda line: None)
     # Where the probe file cannot be created (a read-only disk; chmod does not stop root, so simulated).
@@ -739,7 +740,7 @@ def assert_nothing_ran(prior) -> None:
 
 @pytest.mark.parametrize("argv, kwargs, error, message", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
 def test_29_bad_driver_arguments_are_refused_before_stage_1(prior, monkeypatch, argv, kwargs, error, message):
-    monkeypatch.setattr("posae.pipeline.stages.execute", lambda *a: pytest.fail("a stage ran"))
+    monkeypatch.setattr("posae.pipeline.driver.execute", lambda *a: pytest.fail("a stage ran"))
     with pytest.raises(error) as err:
         reproduce(str(prior.yaml), log=lambda line: None, **kwargs)
     assert str(err.value).startswith(message) and "Fix: " in str(err.value)

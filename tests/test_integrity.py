@@ -25,7 +25,8 @@ from posae.checks import load_config
 from posae.paths import figures_dir
 from posae.checkpoint import find_runs
 from posae.paths import run_dir
-from posae.pipeline.stages import UpstreamNotReady, reproduce
+from posae.pipeline.driver import reproduce
+from posae.pipeline.stages import UpstreamNotReady
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_a_changed_table_figure_or_record_reruns_its_stage_only(copy, reference,
 def test_only_stops_before_a_stage_whose_upstream_product_is_missing(copy, reference, monkeypatch, capsys):
     shutil.rmtree(copy[0] / "saes" / "residual" / "layer_1" / "seed_1")
     before = tables(*copy)
-    monkeypatch.setattr("posae.pipeline.stages.execute", lambda *a: pytest.fail("a stage ran"))
+    monkeypatch.setattr("posae.pipeline.driver.execute", lambda *a: pytest.fail("a stage ran"))
     with pytest.raises(UpstreamNotReady) as err:
         rerun(only=("probe", "figures"), force=("probe",))
     assert str(err.value) == (

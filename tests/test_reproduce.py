@@ -13,7 +13,8 @@ import pytest
 from posae.checks import load_config
 from posae.paths import figures_dir
 from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
-from posae.pipeline.stages import Stage, StageFailed, UnknownStage, execute, fingerprint, reproduce, stage_list
+from posae.pipeline.driver import execute, reproduce
+from posae.pipeline.stages import Stage, StageFailed, UnknownStage, fingerprint, stage_list
 
 
 def test_every_stage_runs_and_renders(smoke_reproduction):

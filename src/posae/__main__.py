@@ -13,7 +13,7 @@ import sys
 KNOWN_ERRORS = {
     ("posae.config", "ConfigError"): 2,
     ("posae.pipeline.stages", "UnknownStage"): 2,
-    ("posae.pipeline.stages", "ExecutorError"): 2,
+    ("posae.pipeline.driver", "ExecutorError"): 2,
     ("posae.pipeline.cost", "UnknownGPU"): 2,
     ("posae.paths", "Busy"): 2,
     ("posae.paths", "OutputNotWritable"): 2,
@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     # The notebooks papermill starts inherit the environment, so they see the override too.
     with device_env(getattr(args, "device", None)):
         if args.command == "reproduce":
-            from posae.pipeline.stages import reproduce
+            from posae.pipeline.driver import reproduce
 
             # --variants "" is a list naming nothing (refused), not "all": only leaving it out means all.
             reproduce(args.config, force=_split(args.force), only=_split(args.only),
