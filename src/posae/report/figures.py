@@ -8,7 +8,7 @@ Everything is written under `figures_dir(config)`, ``figures/<config>/`` at the 
     probe_accuracies.{png,pdf}           the probe accuracies behind U
     mse_ratio.{png,pdf}                  validation MSE relative to the baseline, ours beside the paper's
     mse_by_position.{png,pdf}            validation MSE at each position, per variant
-    ablation_<name>.{png,pdf}            the ablations of §6.3 (`posae.eval.ablations.PAPER`), the paper's value marked
+    ablation_<name>.{png,pdf}            the ablations of §6.3 (`posae.paper.PAPER_ABLATIONS`), the paper's value marked
     position_structure.{png,pdf}         raw activations (notebook 02): norm by position, raw probe accuracy
     table1.{csv,md}                      Table 1: per variant, our statistics beside the paper's numbers
     claims.{csv,md}                      each claim of the paper, our value, the paper's, and a verdict

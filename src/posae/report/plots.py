@@ -162,7 +162,7 @@ def ablation(runs: pd.DataFrame, name: str, paper: tuple | None, xlabel: str, pe
 
 def mse_ratio(table: pd.DataFrame) -> plt.Figure:
     """Validation MSE of each variant over the baseline's: ours (mean ± std over layer-and-seed pairs)
-    beside the paper's (its std propagated from Table 1's). `table` is `posae.report.figures.table1`."""
+    beside the paper's (its std propagated from Table 1's). `table` is `posae.report.tables.table1`."""
     df = table.dropna(subset=["mse_ratio_mean"]).reset_index(drop=True)
     y = pd.Series(range(len(df)), dtype=float)
     fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 0.32 * max(len(df), 2) + 1.2))
