@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from posae.config import Config, SAEConfig, build_dataclass
-from posae.paths import atomic_dir, clean_stale_temps, run_dir
+from posae.paths import atomic_dir, clean_stale_temps, read_json_object, run_dir
 from posae.saes import SAE, build, variant_config
 from posae.data.store import file_problem, file_record
 
@@ -78,12 +78,7 @@ def read_info(folder: Path | str) -> dict[str, Any] | None:
     path = folder / INFO
     if not path.exists():
         return None
-    try:
-        info = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptRun(f"{path}: not valid JSON ({e}). {RETRAIN}") from None
-    if not isinstance(info, dict):
-        raise CorruptRun(f"{path}: not a JSON object. {RETRAIN}")
+    info = read_json_object(path, CorruptRun, RETRAIN)
     check_identity(folder, info)
     return info
 

@@ -142,6 +142,17 @@ def write_text_atomic(path: Path | str, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_json_object(path: Path, error: type[Exception], fix: str) -> dict:
+    """The JSON object in `path`; `error` naming the file and `fix` when it is not valid JSON or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}). {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: not a JSON object. {fix}")
+    return obj
+
+
 def write_json_atomic(path: Path | str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

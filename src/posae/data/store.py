@@ -35,7 +35,7 @@ import torch
 from numpy.lib.format import dtype_to_descr, write_array_header_1_0
 
 from posae.config import Config, to_dict
-from posae.paths import activations_dir, atomic_dir, clean_stale_temps, lock_path, locked, run_dir
+from posae.paths import activations_dir, atomic_dir, clean_stale_temps, lock_path, locked, read_json_object, run_dir
 
 FORMAT_VERSION = 1
 _FP16_MAX = 65504.0
@@ -346,13 +346,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise StoreError(f"{path}: no complete activation store here (meta.json missing). "
                          "Fix: run notebooks/01_capture_activations.ipynb for this config")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{meta_path}: not valid JSON ({e}). {RECAPTURE}") from None
-    if not isinstance(meta, dict):
-        raise StoreError(f"{meta_path}: not a JSON object. {RECAPTURE}")
-    return meta
+    return read_json_object(meta_path, StoreError, RECAPTURE)
 
 
 def store_problem(path: Path | str, expect_hash: str | None = None) -> str | None:
