@@ -79,7 +79,8 @@ def evaluate(folder: Path, val: ActivationStore, n_tokens: int, probe: bool = Fa
     row["global_share"] = float(f[:, g["global"].start : g["global"].stop].sum()) / max(total, 1e-12)
     if probe:
         from posae.config import ProbeConfig
-        from posae.eval.probes import probe_sae, probe_sample
+        from posae.eval.probes import probe_sae
+        from posae.eval.probing import probe_sample
 
         buckets = sae.cfg.buckets
         acc = probe_sae(sae, val, probe_sample(val, ProbeConfig(), buckets), buckets)

@@ -13,8 +13,9 @@ from posae.eval import metrics
 from posae.config import to_dict
 from posae.checks import load_config
 from posae.paths import activations_dir, run_dir, sae_dir
-from posae.eval.probes import (COLUMNS, fit_probe, position_bucket, positional_feature_counts, probe_all, probe_sample,
-                          split_by_sequence, stratified_subsample, unlearning_score)
+from posae.eval.probes import COLUMNS, positional_feature_counts, probe_all, unlearning_score
+from posae.eval.probing import fit_probe, probe_sample, split_by_sequence, stratified_subsample
+from posae.saes.buckets import position_bucket
 from posae.saes import build
 from posae.data.store import write_store
 

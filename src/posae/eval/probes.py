@@ -5,7 +5,8 @@ representation. The bucket of position t in a context of L tokens is ⌊t·bucke
 by default; position_masking uses the same buckets, SPEC §9). Probes train on 80% of the validation
 sequences and are scored on the other 20%: the split is by sequence, so no sequence sits on both
 sides (tokens of one sequence share content, which would leak). Tokens are subsampled stratified by
-position so that every bucket is equally represented and a probe fits in about a second.
+position so that every bucket is equally represented and a probe fits in about a second. These
+primitives (split, subsample, fit, the sample of a layer) are `posae.eval.probing`, shared with notebook 02.
 
 The unlearning score. The paper (§5.2) defines it only in words, "a probe to predict feature
 positions ... measuring its error rate", and reports 0.0 for every variant. Ours (SPEC §7): with
@@ -33,7 +34,7 @@ import torch
 from posae import checkpoint
 from posae.data import models
 from posae.config import Config
-from posae.eval.probing import ProbeSample, fit_probe, probe_sample, raw_accuracy, split_by_sequence, stratified_subsample  # noqa: F401 (re-exported)
+from posae.eval.probing import ProbeSample, fit_probe, probe_sample, raw_accuracy
 from posae.checkpoint import find_runs
 from posae.eval.metrics import check_normalisation
 from posae.paths import write_csv_atomic
@@ -41,7 +42,6 @@ from posae.progress import progress_iter
 from posae.saes import as_variant_list
 from posae.paths import lock_path, locked, run_dir
 from posae.saes import SAE
-from posae.saes.buckets import position_bucket  # noqa: F401 (re-exported)
 from posae.data.store import ActivationStore, open_layer_stores
 
 PROBES_CSV = "probes.csv"
