@@ -40,14 +40,66 @@ from posae.report.tables import RunTables, table1, table1_markdown
 TABLES = ("table1.csv", "table1.md", "claims.csv", "claims.md", "run_info.json")
 
 
-# Captions: what notebook 06 shows above each figure.
-CAPTION_FIG1A = '## Figure 1a · Training trajectories\n\nThe paper: *"Training trajectories showing consistent convergence"* for every variant (its losses\non an unstated scale). Ours: the total training loss against the optimizer step, one line per\nvariant (the mean over seeds, the band their range), one panel per layer. The loss is eq. 7 as\nwritten (unsquared reconstruction error weighted by w_t, plus λ1‖f‖₁) plus each variant\'s own\nterms, so a variant with an extra loss (contrastive\'s InfoNCE) or another λ1 (the soft-masking\npair) sits at its own level: compare the shapes, not the heights.'
-CAPTION_FIG1B = '## Figure 1b · Unlearning score\n\nThe paper: *"Unlearning scores remained at 0.0 across all configurations"* (Table 1, §6.4), for a\nscore it defines only in words. Ours (SPEC §7): U = clip((acc_P − acc_G)/(1 − chance), 0, 1) from\nheld-out position-bucket probes on the position and the global feature groups. Bars are the mean\nover seeds, whiskers their range, one colour per layer. position_masking is the positive control\n(its position features can only fire in the probe\'s own bucket), so it should score well above 0;\n† marks variants without learned groups, scored on an arbitrary half split.'
-CAPTION_PROBES = 'The accuracies behind U, per feature set and layer (dashed: chance). U is near 0 whenever the\nglobal group predicts position about as well as the position group, whatever the level; the raw\nactivations give the ceiling.'
-CAPTION_MSE_RATIO = "## MSE relative to the baseline\n\nThe same ratios as a figure: ours (black, mean ± std over layer-and-seed pairs) beside the\npaper's (red, its std propagated from the two MSE stds). Left of the dashed line a variant\nreconstructs better than the baseline."
-CAPTION_MSE_BY_POSITION = '## MSE by position\n\nValidation MSE at each position in the context, one line per variant (band: range over seeds), one\npanel per layer. The paper shows no such figure; it tells whether a position-aware variant\nreconstructs some positions better than the baseline does, and where the loss weights\nw_t = 1 + t/L of position_weighted move the error.'
-CAPTION_ABLATIONS = "## Ablations of §6.3\n\nThe paper, on its hierarchical model: global features carry *73% ± 5%* of the activation\nmagnitude; the gate averages *0.12 ± 0.03*; position-weighted loss scaling changes MSE by *±2%*;\nresampling touches *8% ± 2%* of the features. Each figure shows every run (dot, colour = layer), the\nmean ± std over runs (black bar) and the paper's mean ± std (red band). Our gate starts at\nσ(0) = 0.5; the paper's 0.12 is σ(−2), which a gate initialised there and never trained would show.\nThe last figure, soft masking's learned mask, is beyond the paper. Notebook 05 explains each\nmeasurement."
-CAPTION_POSITION_STRUCTURE = "## Position in the raw activations (notebook 02)\n\nBefore any SAE: the mean norm of the normalised activation (centred, scaled so the mean squared\nnorm is d, the SAE's input) at each position, per layer, and the held-out accuracy of the\nposition-bucket probe on the activations themselves (dashed: chance). A probe well above chance\nmeans position is linearly readable, so an SAE could in principle give it features of its own.\nThe paper reports no such baseline."
+# Captions: what notebook 06 shows above each figure (Markdown).
+CAPTION_FIG1A = """\
+## Figure 1a · Training trajectories
+
+The paper: *"Training trajectories showing consistent convergence"* for every variant (its losses
+on an unstated scale). Ours: the total training loss against the optimizer step, one line per
+variant (the mean over seeds, the band their range), one panel per layer. The loss is eq. 7 as
+written (unsquared reconstruction error weighted by w_t, plus λ1‖f‖₁) plus each variant's own
+terms, so a variant with an extra loss (contrastive's InfoNCE) or another λ1 (the soft-masking
+pair) sits at its own level: compare the shapes, not the heights."""
+
+CAPTION_FIG1B = """\
+## Figure 1b · Unlearning score
+
+The paper: *"Unlearning scores remained at 0.0 across all configurations"* (Table 1, §6.4), for a
+score it defines only in words. Ours (SPEC §7): U = clip((acc_P − acc_G)/(1 − chance), 0, 1) from
+held-out position-bucket probes on the position and the global feature groups. Bars are the mean
+over seeds, whiskers their range, one colour per layer. position_masking is the positive control
+(its position features can only fire in the probe's own bucket), so it should score well above 0;
+† marks variants without learned groups, scored on an arbitrary half split."""
+
+CAPTION_PROBES = """\
+The accuracies behind U, per feature set and layer (dashed: chance). U is near 0 whenever the
+global group predicts position about as well as the position group, whatever the level; the raw
+activations give the ceiling."""
+
+CAPTION_MSE_RATIO = """\
+## MSE relative to the baseline
+
+The same ratios as a figure: ours (black, mean ± std over layer-and-seed pairs) beside the
+paper's (red, its std propagated from the two MSE stds). Left of the dashed line a variant
+reconstructs better than the baseline."""
+
+CAPTION_MSE_BY_POSITION = """\
+## MSE by position
+
+Validation MSE at each position in the context, one line per variant (band: range over seeds), one
+panel per layer. The paper shows no such figure; it tells whether a position-aware variant
+reconstructs some positions better than the baseline does, and where the loss weights
+w_t = 1 + t/L of position_weighted move the error."""
+
+CAPTION_ABLATIONS = """\
+## Ablations of §6.3
+
+The paper, on its hierarchical model: global features carry *73% ± 5%* of the activation
+magnitude; the gate averages *0.12 ± 0.03*; position-weighted loss scaling changes MSE by *±2%*;
+resampling touches *8% ± 2%* of the features. Each figure shows every run (dot, colour = layer), the
+mean ± std over runs (black bar) and the paper's mean ± std (red band). Our gate starts at
+σ(0) = 0.5; the paper's 0.12 is σ(−2), which a gate initialised there and never trained would show.
+The last figure, soft masking's learned mask, is beyond the paper. Notebook 05 explains each
+measurement."""
+
+CAPTION_POSITION_STRUCTURE = """\
+## Position in the raw activations (notebook 02)
+
+Before any SAE: the mean norm of the normalised activation (centred, scaled so the mean squared
+norm is d, the SAE's input) at each position, per layer, and the held-out accuracy of the
+position-bucket probe on the activations themselves (dashed: chance). A probe well above chance
+means position is linearly readable, so an SAE could in principle give it features of its own.
+The paper reports no such baseline."""
 
 
 # --------------------------------------------------------------------------- the registry
