@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from posae.config import Config, read_config
-from posae.data import corpus, models  # light: they import transformers only when a model loads
+from posae.data import models
+from posae.data.capture import validate  # light: transformers loads only with a model
 
 
 def load_config(name_or_path: str | Path = "default", check_model: bool = True) -> Config:
@@ -23,15 +24,15 @@ def load_config(name_or_path: str | Path = "default", check_model: bool = True) 
     """
     cfg = read_config(name_or_path)
     if check_model:
-        check_world(cfg, Path(cfg.source))
+        check_world(cfg)
     return cfg
 
 
-def check_world(cfg: Config, path: Path | str) -> models.ModelInfo:
-    """The model, corpus and variant checks of a config; returns the model's ModelInfo."""
-    info = models.describe(cfg.model, path)
-    models.check_fit(cfg, path, info)
-    corpus.check(cfg.corpus, path)
+def check_world(cfg: Config) -> models.ModelInfo:
+    """The model, corpus and variant checks of a config; returns the model's ModelInfo. The model and
+    corpus part is the capture's own check (`posae.data.capture.validate`, which configs built in code
+    pass through too); the variants are added here."""
+    info = validate(cfg)
     from posae.saes import check_variants  # late: torch; a config error should not wait for it
 
     check_variants(cfg, d_model=info.hidden_size)
