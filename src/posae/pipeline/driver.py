@@ -1,8 +1,9 @@
 """The driver: run every notebook in order with papermill, render each to HTML, rebuild figures/.
 
 Which stages there are, and when one is done, is `posae.pipeline.stages`. The training stages run
-side by side, on this machine (`executor="local"`, a thread pool of notebooks) or on a Dask cluster (`executor="dask"`, one task per variant × layer × seed); every
-training run has one thread either way, so both leave the same products byte for byte.
+side by side, on this machine (`executor="local"`, a thread pool of notebooks) or on a Dask cluster
+(`executor="dask"`, one task per variant × layer × seed); every training run has one thread either
+way, so both leave the same products byte for byte.
 """
 
 from __future__ import annotations
