@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 
 from posae import checkpoint
-from posae.config import TrainConfig
 from posae.checks import load_config
+from posae.config import TrainConfig
+from posae.data.store import ActivationStore
 from posae.paths import activations_dir
 from posae.saes import variant_config
-from posae.data.store import ActivationStore
 from posae.train import train_run
 
 HERE = Path(__file__).resolve().parent

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from posae.checks import load_config
 from posae.data import capture as cap
 from posae.data import corpus, models
-from posae.checks import load_config
 
 GiB = 2**30
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from posae import train
-from posae.data import models
-from posae.config import Config, SAEConfig, TrainConfig
 from posae.checks import load_config
+from posae.config import Config, SAEConfig, TrainConfig
+from posae.data import models
+from posae.data.store import ActivationStore, StoreError
 from posae.paths import activations_dir
 from posae.saes import REGISTRY, variant_config
-from posae.data.store import ActivationStore, StoreError
 
 D, B, T = 640, 4096, 128
 

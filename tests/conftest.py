@@ -37,8 +37,8 @@ def smoke_reproduction(runs_root):
 @pytest.fixture(scope="session")
 def smoke_capture(runs_root):
     """Just the smoke activation stores (cheap: no papermill); returns {(layer, split): path}."""
-    from posae.data.capture import capture
     from posae.checks import load_config
+    from posae.data.capture import capture
 
     return capture(load_config("smoke"), progress=False)
 

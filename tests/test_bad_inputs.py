@@ -46,19 +46,17 @@ from safetensors.torch import load_file, save_file
 
 from posae import checkpoint, saes, train
 from posae.__main__ import main
-from posae.data.capture import capture
-from posae.data.store import store_settings
 from posae.checkpoint import CheckpointMismatch
-from posae.config import ConfigError
 from posae.checks import load_config
-from posae.saes import as_variant_list
+from posae.config import ConfigError
+from posae.data.capture import capture
+from posae.data.store import StoreError, open_layer_stores, store_settings, write_store
 from posae.notebook import setup
 from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPO_ROOT, Busy, OutputNotWritable, atomic_path, sae_dir
-from posae.pipeline.export import ExportError, export_saelens, pipeline_products
 from posae.pipeline.driver import ExecutorError, reproduce
+from posae.pipeline.export import ExportError, export_saelens, pipeline_products
 from posae.pipeline.stages import UnknownStage, stage_list
-from posae.saes import REGISTRY, variant_config
-from posae.data.store import StoreError, open_layer_stores, write_store
+from posae.saes import REGISTRY, as_variant_list, variant_config
 from posae.train import TrainingDiverged, train_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")

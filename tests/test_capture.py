@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from posae.checks import load_config
+from posae.config import ConfigError
 from posae.data import capture as cap
 from posae.data import corpus, models
-from posae.config import ConfigError
-from posae.checks import load_config
 from posae.data.store import ActivationStore, is_complete
 
 

@@ -10,8 +10,8 @@ import sys
 import pandas as pd
 import pytest
 
-from posae.pipeline.compare import TOLERANCE, compare, tolerance
 from posae.paths import FIGURES_DIR
+from posae.pipeline.compare import TOLERANCE, compare, tolerance
 
 COMMITTED = FIGURES_DIR / "default"
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from posae.paths import figures_dir
-from posae.paths import run_dir
+from posae.paths import figures_dir, run_dir
 from posae.pipeline.driver import ExecutorError, reproduce
 from posae.pipeline.stages import StageFailed
 

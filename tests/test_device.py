@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from posae.data import models
 from posae.__main__ import main
-from posae.config import DEVICE_ENV, ConfigError, device_env
 from posae.checks import load_config
+from posae.config import DEVICE_ENV, ConfigError, device_env
+from posae.data import models
 from posae.paths import PARAMS_DIR
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

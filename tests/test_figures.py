@@ -13,11 +13,11 @@ import pytest
 
 from posae import paths
 from posae.paper import PAPER_TABLE1
-from posae.report import figures
-from posae.report.claims import (CANNOT, DIFFERS, HOLDS, VERDICTS, claims, combine, extremes_verdict,
-                                 interval_verdict, u_noise)
-from posae.report.tables import RunTables, paper_ratio, table1, table1_markdown
 from posae.paths import REPO_ROOT
+from posae.report import figures
+from posae.report.claims import (CANNOT, DIFFERS, HOLDS, VERDICTS, claims, combine, extremes_verdict, interval_verdict,
+                                 u_noise)
+from posae.report.tables import RunTables, paper_ratio, table1, table1_markdown
 from posae.saes import REGISTRY
 
 # --------------------------------------------------------------------------- the smoke reproduction

@@ -21,10 +21,9 @@ import pytest
 
 from posae import checkpoint
 from posae.__main__ import main
-from posae.checks import load_config
-from posae.paths import figures_dir
 from posae.checkpoint import find_runs
-from posae.paths import run_dir
+from posae.checks import load_config
+from posae.paths import figures_dir, run_dir
 from posae.pipeline.driver import reproduce
 from posae.pipeline.stages import UpstreamNotReady
 

@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import load_file
 
 from posae import checkpoint
-from posae.data.capture import capture
 from posae.checks import load_config
+from posae.data.capture import capture
 from posae.data.store import is_complete
 from posae.train import train_variant
 

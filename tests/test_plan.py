@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from posae.pipeline import cost as P
 from posae.__main__ import main
-from posae.config import Config, CorpusConfig, SAEConfig, TrainConfig
 from posae.checks import load_config
+from posae.config import Config, CorpusConfig, SAEConfig, TrainConfig
+from posae.pipeline import cost as P
 from posae.saes import REGISTRY, variant_config
 
 # numpy's .npy format 1.0: 6 magic bytes, 2 version bytes, a 2-byte length, then the header dict

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from posae import checkpoint
-from posae.eval import metrics
-from posae.config import to_dict
 from posae.checks import load_config
-from posae.paths import activations_dir, run_dir, sae_dir
+from posae.config import to_dict
+from posae.data.store import write_store
+from posae.eval import metrics
 from posae.eval.probes import COLUMNS, positional_feature_counts, probe_all, unlearning_score
 from posae.eval.probing import fit_probe, probe_sample, split_by_sequence, stratified_subsample
-from posae.saes.buckets import position_bucket
+from posae.paths import activations_dir, run_dir, sae_dir
 from posae.saes import build
-from posae.data.store import write_store
+from posae.saes.buckets import position_bucket
 
 
 def test_bucket_is_floor_of_t_times_buckets_over_L():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from posae.checks import load_config
+from posae.config import ModelConfig
 from posae.data import capture as cap
 from posae.data import models
-from posae.config import ModelConfig
-from posae.checks import load_config
 from posae.data.store import ActivationStore
 
 pytestmark = pytest.mark.real

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from posae.checks import load_config
-from posae.paths import figures_dir
-from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
+from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, figures_dir, run_dir
 from posae.pipeline.driver import execute, reproduce
 from posae.pipeline.stages import Stage, StageFailed, UnknownStage, fingerprint, stage_list
 

@@ -117,8 +117,8 @@ def _run(args: argparse.Namespace) -> int:
                       variants=list(_split([args.variants])) if args.variants is not None else None,
                       jobs=args.jobs, executor=args.executor, scheduler=args.scheduler, workers=args.workers)
         elif args.command == "capture":
-            from posae.data.capture import capture
             from posae.checks import load_config
+            from posae.data.capture import capture
 
             capture(load_config(args.config))
         elif args.command == "export-saelens":

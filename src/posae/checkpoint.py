@@ -29,9 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from posae.config import Config, SAEConfig, build_dataclass
+from posae.data.store import file_problem, file_record
 from posae.paths import atomic_dir, clean_stale_temps, read_json_object, run_dir
 from posae.saes import SAE, build, variant_config
-from posae.data.store import file_problem, file_record
 
 FORMAT_VERSION = 1
 WEIGHTS, INFO, METRICS, STATE = "weights.safetensors", "config.json", "metrics.jsonl", "train_state.safetensors"

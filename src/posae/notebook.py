@@ -7,8 +7,8 @@ import os
 import platform
 import sys
 
-from posae.config import Config
 from posae.checks import load_config
+from posae.config import Config
 from posae.paths import check_writable, run_dir, write_json_atomic, write_text_atomic
 from posae.provenance import cpu_bf16_features, cpu_model, git_commit
 

@@ -37,12 +37,12 @@ from torch import Tensor
 
 import posae
 from posae import checkpoint, provenance
-from posae.data import models
-from posae.config import Config, ConfigError, TrainConfig, check_parameter, to_dict
 from posae.checks import load_config
+from posae.config import Config, ConfigError, TrainConfig, check_parameter, to_dict
+from posae.data import models
+from posae.data.store import ActivationStore, open_layer_stores, reason
 from posae.paths import clean_stale_temps, lock_path, locked, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
-from posae.data.store import ActivationStore, open_layer_stores, reason
 
 # --------------------------------------------------------------------------- public entry point
 

@@ -209,8 +209,8 @@ def _capture_split(loaded: Any, seqs_SL: np.ndarray, out: dict[int, Path], metas
     """One pass over `seqs_SL`, streaming every layer in `out` into its own store."""
     import torch
 
-    from posae.progress import bar as progress_bar
     from posae.data.store import StoreWriter
+    from posae.progress import bar as progress_bar
 
     S, L = seqs_SL.shape
     first = 1 if exclude_bos else 0

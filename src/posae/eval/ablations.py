@@ -32,13 +32,12 @@ import numpy as np
 import pandas as pd
 
 from posae import checkpoint
-from posae.config import Config
 from posae.checkpoint import find_runs
+from posae.config import Config
 from posae.eval.metrics import Evaluation, evaluate_all
-from posae.paths import write_csv_atomic
-from posae.progress import progress_iter
 from posae.paper import PAPER_ABLATIONS
-from posae.paths import run_dir
+from posae.paths import run_dir, write_csv_atomic
+from posae.progress import progress_iter
 
 ABLATIONS_CSV, ABLATIONS_RUNS_CSV = "ablations.csv", "ablations_runs.csv"
 

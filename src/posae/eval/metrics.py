@@ -41,12 +41,12 @@ import pandas as pd
 import torch
 
 from posae import checkpoint
-from posae.data import models
 from posae.config import Config
+from posae.data import models
+from posae.data.store import ActivationStore, open_layer_stores
 from posae.paths import lock_path, locked, run_dir, write_csv_atomic
 from posae.progress import progress_iter
 from posae.saes import SAE, as_variant_list
-from posae.data.store import ActivationStore, open_layer_stores
 
 METRICS_VERSION = 1  # bump when a definition changes: cached rows with an older key are recomputed
 METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV = "val_metrics.csv", "mse_by_position.csv", "feature_stats.csv"

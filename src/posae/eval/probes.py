@@ -32,17 +32,15 @@ import pandas as pd
 import torch
 
 from posae import checkpoint
-from posae.data import models
-from posae.config import Config
-from posae.eval.probing import ProbeSample, fit_probe, probe_sample, raw_accuracy
 from posae.checkpoint import find_runs
-from posae.eval.metrics import check_normalisation
-from posae.paths import write_csv_atomic
-from posae.progress import progress_iter
-from posae.saes import as_variant_list
-from posae.paths import lock_path, locked, run_dir
-from posae.saes import SAE
+from posae.config import Config
+from posae.data import models
 from posae.data.store import ActivationStore, open_layer_stores
+from posae.eval.metrics import check_normalisation
+from posae.eval.probing import ProbeSample, fit_probe, probe_sample, raw_accuracy
+from posae.paths import lock_path, locked, run_dir, write_csv_atomic
+from posae.progress import progress_iter
+from posae.saes import SAE, as_variant_list
 
 PROBES_CSV = "probes.csv"
 COLUMNS = ["variant", "layer", "seed", "grouping", "acc_global", "acc_position", "acc_all", "acc_raw", "U", "chance",

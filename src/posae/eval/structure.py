@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from posae.config import Config
-from posae.eval.probing import probe_sample, raw_accuracy, stratified_subsample
 from posae.data.store import ActivationStore
+from posae.eval.probing import probe_sample, raw_accuracy, stratified_subsample
 
 
 def norm_by_position(store: ActivationStore, max_tokens: int = 200_000, chunk: int = 16384) -> pd.DataFrame:

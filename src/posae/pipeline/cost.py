@@ -42,9 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from posae.config import Config, ConfigError, to_dict
 from posae.checks import load_config
-
+from posae.config import Config, ConfigError, to_dict
 
 # meta.json of one store: model, corpus and capture settings, counts, scale, hash (~1-2 KB). The
 # only estimated byte count; the .npy files are exact.
@@ -254,10 +253,10 @@ class Plan:
 
 def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str] | None = None) -> Plan:
     """The plan of a full reproduction of `config` (a name, a path or a Config) on `gpu`; offline."""
-    from posae.data import corpus, models
-    from posae.pipeline.stages import stage_list
-    from posae.data.capture import params_run
     from posae.config import device_override
+    from posae.data import corpus, models
+    from posae.data.capture import params_run
+    from posae.pipeline.stages import stage_list
     from posae.saes import variant_config
 
     key = gpu.upper()

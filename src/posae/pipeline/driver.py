@@ -20,9 +20,9 @@ from posae.checks import load_config
 from posae.config import Config
 from posae.paths import (NOTEBOOKS_DIR, check_writable, figures_dir, lock_path, locked, run_dir, write_json_atomic,
                          write_text_atomic)
-from posae.pipeline.stages import (Stage, StageFailed, UnknownStage, UpstreamNotReady, record_path, train_runs,
-                                   describe, fingerprint, product_problems, products, products_digest, read_record,
-                                   stage_list)
+from posae.pipeline.stages import (Stage, StageFailed, UnknownStage, UpstreamNotReady, describe, fingerprint,
+                                   product_problems, products, products_digest, read_record, record_path, stage_list,
+                                   train_runs)
 
 
 def render_html(notebook: Path, html: Path) -> None:
