@@ -27,10 +27,11 @@ import pandas as pd
 import torch
 
 from posae import checkpoint
-from posae.config import TrainConfig, load_config
+from posae.checks import load_config
+from posae.config import TrainConfig
+from posae.data.store import ActivationStore
 from posae.paths import activations_dir
 from posae.saes import variant_config
-from posae.store import ActivationStore
 from posae.train import train_run
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +79,8 @@ def evaluate(folder: Path, val: ActivationStore, n_tokens: int, probe: bool = Fa
     row["global_share"] = float(f[:, g["global"].start : g["global"].stop].sum()) / max(total, 1e-12)
     if probe:
         from posae.config import ProbeConfig
-        from posae.probes import probe_sae, probe_sample
+        from posae.eval.probes import probe_sae
+        from posae.eval.probing import probe_sample
 
         buckets = sae.cfg.buckets
         acc = probe_sae(sae, val, probe_sample(val, ProbeConfig(), buckets), buckets)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from posae import capture as cap
-from posae import corpus, models
-from posae.config import load_config
+from posae.checks import load_config
+from posae.data import capture as cap
+from posae.data import corpus, models
 
 GiB = 2**30
 
@@ -68,9 +68,9 @@ import psutil
 import torch
 if sys.argv[2] != "0":
     torch.set_num_threads(int(sys.argv[2]))
-from posae import models
-from posae.capture import capture
-from posae.config import load_config
+from posae.data import models
+from posae.data.capture import capture
+from posae.checks import load_config
 
 base = load_config("default")
 n = int(sys.argv[1])

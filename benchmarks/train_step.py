@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from posae import train
-from posae.config import Config, SAEConfig, TrainConfig, load_config
+from posae.checks import load_config
+from posae.config import Config, SAEConfig, TrainConfig
+from posae.data import models
+from posae.data.store import ActivationStore, StoreError
 from posae.paths import activations_dir
 from posae.saes import REGISTRY, variant_config
-from posae.store import ActivationStore, StoreError
 
 D, B, T = 640, 4096, 128
 
@@ -179,7 +181,7 @@ def main() -> None:
     bf16 = train.autocast_dtype(TrainConfig())
     print(f"# Training step, d={D}, batch {B} tokens; {source}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"native bf16: {train.native_bf16()}\n")
+          f"native bf16: {models.cpu_has_native_bf16()}\n")
 
     rows = []
     for k in (640, 2560):

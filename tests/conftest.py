@@ -28,7 +28,7 @@ def runs_root() -> Path:
 @pytest.fixture(scope="session")
 def smoke_reproduction(runs_root):
     """The whole smoke pipeline, once: returns the driver's rows (stage, status, seconds)."""
-    from posae.reproduce import reproduce
+    from posae.pipeline.driver import reproduce
 
     rows = reproduce("smoke", log=lambda line: None)
     return rows
@@ -37,8 +37,8 @@ def smoke_reproduction(runs_root):
 @pytest.fixture(scope="session")
 def smoke_capture(runs_root):
     """Just the smoke activation stores (cheap: no papermill); returns {(layer, split): path}."""
-    from posae.capture import capture
-    from posae.config import load_config
+    from posae.checks import load_config
+    from posae.data.capture import capture
 
     return capture(load_config("smoke"), progress=False)
 

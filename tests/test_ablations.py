@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from posae import ablations, checkpoint
-from posae.config import load_config, to_dict
+from posae import checkpoint
+from posae.checks import load_config
+from posae.config import to_dict
+from posae.data.store import write_store
+from posae.eval import ablations
 from posae.paths import activations_dir, run_dir, sae_dir
 from posae.saes import build
-from posae.store import write_store
 
 T, D = 16, 8
 

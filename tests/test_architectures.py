@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from posae import capture as cap
-from posae import corpus, models
-from posae.config import RANDOM_ARCHITECTURES, ConfigError, ModelConfig, RandomModelConfig, load_config
-from posae.store import ActivationStore, is_complete
+from posae.checks import load_config
+from posae.config import RANDOM_ARCHITECTURES, ConfigError, ModelConfig, RandomModelConfig
+from posae.data import capture as cap
+from posae.data import corpus, models
+from posae.data.store import ActivationStore, is_complete
 
 # Where each architecture keeps its blocks: what the shape criterion must find, never used by it.
 BLOCKS = {"gemma3_text": "model.layers", "gemma2": "model.layers", "llama": "model.layers",

@@ -46,16 +46,17 @@ from safetensors.torch import load_file, save_file
 
 from posae import checkpoint, saes, train
 from posae.__main__ import main
-from posae.capture import capture, store_settings
 from posae.checkpoint import CheckpointMismatch
-from posae.config import ConfigError, load_config
-from posae.metrics import as_variant_list
+from posae.checks import load_config
+from posae.config import ConfigError
+from posae.data.capture import capture
+from posae.data.store import StoreError, open_layer_stores, store_settings, write_store
 from posae.notebook import setup
 from posae.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPO_ROOT, Busy, OutputNotWritable, atomic_path, sae_dir
-from posae.export import ExportError, export_saelens, pipeline_products
-from posae.reproduce import ExecutorError, UnknownStage, plan, reproduce
-from posae.saes import REGISTRY, variant_config
-from posae.store import StoreError, open_layer_stores, write_store
+from posae.pipeline.driver import ExecutorError, reproduce
+from posae.pipeline.export import ExportError, export_saelens, pipeline_products
+from posae.pipeline.stages import UnknownStage, stage_list
+from posae.saes import REGISTRY, as_variant_list, variant_config
 from posae.train import TrainingDiverged, train_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -421,7 +422,7 @@ def test_14_full_disk_keeps_the_previous_products(prior, monkeypatch):
               f"previous version, if any, is kept. {fix}")
     monkeypatch.undo()
     # An activation store being rewritten runs out of space midway: the old store stays whole.
-    from posae import store as store_module
+    from posae.data import store as store_module
 
     real_write, calls = store_module._NpyAppender.write, {"n": 0}
 
@@ -455,7 +456,7 @@ def test_15_unwritable_output_folder(prior, monkeypatch):
         setup(str(prior.yaml))
     says(err, f"{blocker / 'runs' / 'prior'}: cannot write the run's products here (Not a directory: ",
          "). Fix: make the folder writable, or set POSAE_RUNS to a writable folder")
-    monkeypatch.setattr("posae.reproduce.execute", lambda *a: pytest.fail("a stage ran"))
+    monkeypatch.setattr("posae.pipeline.driver.execute", lambda *a: pytest.fail("a stage ran"))
     with pytest.raises(OutputNotWritable, match="cannot write the run's products here"):
         reproduce(str(prior.yaml), log=lambda line: None)
     # Where the probe file cannot be created (a read-only disk; chmod does not stop root, so simulated).
@@ -517,8 +518,8 @@ def test_17_papermill_from_another_working_directory(prior, monkeypatch):
     assert list(elsewhere.iterdir()) == [], "products belong under runs/, not the working directory"
     assert out.exists()  # papermill keeps the failed notebook, with the error in it
     # The driver's kernels run in notebooks/: a config outside params/ reaches them as an absolute path.
-    assert plan(load_config("smoke"))[0].parameters["config"] == "smoke"
-    assert plan(load_config(prior.yaml))[0].parameters["config"] == str(prior.yaml.resolve())
+    assert stage_list(load_config("smoke"))[0].parameters["config"] == "smoke"
+    assert stage_list(load_config(prior.yaml))[0].parameters["config"] == str(prior.yaml.resolve())
     prior.assert_untouched()
 
 
@@ -737,7 +738,7 @@ def assert_nothing_ran(prior) -> None:
 
 @pytest.mark.parametrize("argv, kwargs, error, message", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
 def test_29_bad_driver_arguments_are_refused_before_stage_1(prior, monkeypatch, argv, kwargs, error, message):
-    monkeypatch.setattr("posae.reproduce.execute", lambda *a: pytest.fail("a stage ran"))
+    monkeypatch.setattr("posae.pipeline.driver.execute", lambda *a: pytest.fail("a stage ran"))
     with pytest.raises(error) as err:
         reproduce(str(prior.yaml), log=lambda line: None, **kwargs)
     assert str(err.value).startswith(message) and "Fix: " in str(err.value)
@@ -801,11 +802,11 @@ def _known_errors(prior) -> list[tuple[BaseException, int, str]]:
                                                 "checkpoint", "busy", "diverged"])
 def test_31_known_errors_are_one_line_and_the_rest_keep_their_traceback(prior, monkeypatch, capsys, case):
     error, code, line = _known_errors(prior)[case]
-    monkeypatch.setattr("posae.capture.capture", _raise(error))
+    monkeypatch.setattr("posae.data.capture.capture", _raise(error))
     assert main(["capture", "--config", str(prior.yaml)]) == code
     err = capsys.readouterr().err
     assert err.startswith(f"error: {line}") and err.count("\n") == 1 and "Fix: " in err, err
-    monkeypatch.setattr("posae.capture.capture", _raise(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr("posae.data.capture.capture", _raise(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError, match="Input/output error"):  # unexpected: the traceback is kept
         main(["capture", "--config", str(prior.yaml)])
     prior.assert_untouched()

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from posae import capture as cap
-from posae import corpus, models
-from posae.config import ConfigError, load_config
-from posae.store import ActivationStore, is_complete
+from posae.checks import load_config
+from posae.config import ConfigError
+from posae.data import capture as cap
+from posae.data import corpus, models
+from posae.data.store import ActivationStore, is_complete
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +166,9 @@ def test_invalid_config_fails_before_any_heavy_work(smoke, monkeypatch):
 
 _KILLED_CHILD = """
 import dataclasses, sys, time
-from posae import store
-from posae.capture import capture
-from posae.config import load_config
+from posae.data import store
+from posae.data.capture import capture
+from posae.checks import load_config
 
 append = store.StoreWriter.append
 def append_then_hang(self, *args):

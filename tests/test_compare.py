@@ -10,8 +10,8 @@ import sys
 import pandas as pd
 import pytest
 
-from posae.compare import TOLERANCE, compare, tolerance
 from posae.paths import FIGURES_DIR
+from posae.pipeline.compare import TOLERANCE, compare, tolerance
 
 COMMITTED = FIGURES_DIR / "default"
 
@@ -64,10 +64,10 @@ def test_the_command_exits_1_and_prints_the_cell(copy):
     table = pd.read_csv(copy / "table1.csv")
     table.loc[table.variant == "baseline", "runs"] = 5
     table.to_csv(copy / "table1.csv", index=False)
-    p = subprocess.run([sys.executable, "-m", "posae.compare", str(COMMITTED), str(copy)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "posae.pipeline.compare", str(COMMITTED), str(copy)], capture_output=True, text=True)
     assert p.returncode == 1
     assert "table1.csv: baseline/arbitrary, runs: 6 -> 5 (must be equal)" in p.stdout
-    ok = subprocess.run([sys.executable, "-m", "posae.compare", str(COMMITTED), str(COMMITTED)], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "posae.pipeline.compare", str(COMMITTED), str(COMMITTED)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 

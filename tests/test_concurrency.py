@@ -87,7 +87,7 @@ def test_many_writers_of_one_folder_leave_one_writers_whole_folder(tmp_path):
 
 def _record(config: str, start, errors) -> None:
     try:
-        from posae.config import load_config
+        from posae.checks import load_config
         from posae.notebook import record_environment
 
         cfg = load_config(config, check_model=False)

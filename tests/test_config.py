@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posae.config import Config, ConfigError, load_config, read_yaml, to_dict
+from posae.checks import load_config
+from posae.config import Config, ConfigError, read_yaml, to_dict
 from posae.paths import PARAMS_DIR
 
 

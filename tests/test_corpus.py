@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from posae import corpus, models
 from posae.config import ConfigError, CorpusConfig
+from posae.data import corpus, models
 
 
 @pytest.fixture(scope="module")

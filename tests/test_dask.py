@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from posae.figures import figures_dir
-from posae.paths import run_dir
-from posae.reproduce import ExecutorError, StageFailed, reproduce
+from posae.paths import figures_dir, run_dir
+from posae.pipeline.driver import ExecutorError, reproduce
+from posae.pipeline.stages import StageFailed
 
 pytestmark = pytest.mark.extras
 
@@ -137,7 +137,7 @@ def test_a_failing_task_stops_with_the_local_message(tmp_path, monkeypatch, runn
 
 
 def test_an_unreachable_scheduler_is_named_with_the_fix(monkeypatch):
-    monkeypatch.setattr("posae.reproduce.CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr("posae.pipeline.driver.CONNECT_TIMEOUT", "1s")
     with pytest.raises(ExecutorError, match=r"tcp://127\.0\.0\.1:9(.|\n)*Fix: start the scheduler"):
         reproduce("smoke", executor="dask", scheduler="tcp://127.0.0.1:9", log=lambda line: None)
 

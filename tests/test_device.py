@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from posae import models
 from posae.__main__ import main
-from posae.config import DEVICE_ENV, ConfigError, device_env, load_config
+from posae.checks import load_config
+from posae.config import DEVICE_ENV, ConfigError, device_env
+from posae.data import models
 from posae.paths import PARAMS_DIR
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -42,7 +43,7 @@ def test_device_env_sets_and_restores():
 @no_cuda
 def test_override_reaches_capture_and_training(tmp_path, monkeypatch, runs_root):
     """A config asking for cuda fails here; with --device cpu over it, capture and training run on the CPU."""
-    from posae.capture import capture
+    from posae.data.capture import capture
     from posae.train import train_variant
 
     data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
@@ -83,8 +84,8 @@ def test_missing_cuda_fails_before_any_work(monkeypatch, capsys):
 @no_cuda
 @pytest.mark.parametrize("step", ["train", "evaluate", "probe"])
 def test_training_and_evaluation_check_the_device_first(monkeypatch, step):
-    from posae.metrics import evaluate_all
-    from posae.probes import probe_all
+    from posae.eval.metrics import evaluate_all
+    from posae.eval.probes import probe_all
     from posae.train import train_variant
 
     monkeypatch.setenv(DEVICE_ENV, "cuda")

@@ -11,9 +11,9 @@ import torch
 from posae import checkpoint
 from posae.__main__ import main
 from posae.config import Config, SAEConfig, TrainConfig
-from posae.export import ExportError, blockers, export_saelens, exportable_variants, standard_mismatch
+from posae.data.store import write_store
+from posae.pipeline.export import ExportError, blockers, export_saelens, exportable_variants, standard_mismatch
 from posae.saes import REGISTRY, build, variant_config
-from posae.store import write_store
 from posae.train import train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,9 +11,9 @@ import torch
 from posae import checkpoint
 from posae.__main__ import main
 from posae.config import Config, SAEConfig, TrainConfig
-from posae.export import ExportError, export_saelens, exportable_variants
+from posae.data.store import write_store
+from posae.pipeline.export import ExportError, export_saelens, exportable_variants
 from posae.saes import variant_config
-from posae.store import write_store
 from posae.train import train_run
 
 pytestmark = [pytest.mark.extras, pytest.mark.usefixtures("one_thread")]

@@ -11,9 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from posae import figures
-from posae.figures import CANNOT, DIFFERS, HOLDS, VERDICTS, RunTables
+from posae import paths
+from posae.paper import PAPER_TABLE1
 from posae.paths import REPO_ROOT
+from posae.report import figures
+from posae.report.claims import (CANNOT, DIFFERS, HOLDS, VERDICTS, claims, combine, extremes_verdict, interval_verdict,
+                                 u_noise)
+from posae.report.tables import RunTables, paper_ratio, table1, table1_markdown
 from posae.saes import REGISTRY
 
 # --------------------------------------------------------------------------- the smoke reproduction
@@ -21,11 +25,11 @@ from posae.saes import REGISTRY
 
 @pytest.fixture(scope="module")
 def smoke_figures(smoke_reproduction) -> Path:
-    return figures.figures_dir("smoke")
+    return paths.figures_dir("smoke")
 
 
 def test_figures_go_to_the_test_folder_not_the_repository(smoke_figures):
-    assert smoke_figures == Path(os.environ[figures.FIGURES_ENV]) / "smoke"
+    assert smoke_figures == Path(os.environ[paths.FIGURES_ENV]) / "smoke"
     assert not smoke_figures.is_relative_to(REPO_ROOT)
 
 
@@ -80,35 +84,35 @@ def test_run_info_names_the_config_the_machine_and_the_stage_times(smoke_figures
     (-0.03, 0.005, -0.02, 0.02, DIFFERS),
 ])
 def test_interval_verdict(mean, std, low, high, expected):
-    assert figures.interval_verdict(mean, std, low, high) == expected
+    assert interval_verdict(mean, std, low, high) == expected
 
 
 def test_combine_any_difference_wins_then_any_hold():
-    assert figures.combine([HOLDS, DIFFERS, CANNOT]) == DIFFERS
-    assert figures.combine([HOLDS, CANNOT]) == HOLDS
-    assert figures.combine([CANNOT, CANNOT]) == CANNOT
-    assert figures.combine([]) == CANNOT
+    assert combine([HOLDS, DIFFERS, CANNOT]) == DIFFERS
+    assert combine([HOLDS, CANNOT]) == HOLDS
+    assert combine([CANNOT, CANNOT]) == CANNOT
+    assert combine([]) == CANNOT
 
 
 def test_extremes_verdict_reads_only_the_lowest_and_highest():
     paper = {"a": 1.0, "b": 1.5, "c": 1.6, "d": 2.0}
-    assert figures.extremes_verdict({"a": 0.1, "b": 0.3, "c": 0.2, "d": 0.5}, paper) == HOLDS  # b, c swapped
-    assert figures.extremes_verdict({"a": 0.3, "b": 0.1, "c": 0.2, "d": 0.5}, paper) == DIFFERS
-    assert figures.extremes_verdict({"a": 0.1, "b": 0.3, "c": 0.6, "d": 0.5}, paper) == DIFFERS
-    assert figures.extremes_verdict({"a": 0.3}, paper) == CANNOT
+    assert extremes_verdict({"a": 0.1, "b": 0.3, "c": 0.2, "d": 0.5}, paper) == HOLDS  # b, c swapped
+    assert extremes_verdict({"a": 0.3, "b": 0.1, "c": 0.2, "d": 0.5}, paper) == DIFFERS
+    assert extremes_verdict({"a": 0.1, "b": 0.3, "c": 0.6, "d": 0.5}, paper) == DIFFERS
+    assert extremes_verdict({"a": 0.3}, paper) == CANNOT
 
 
 def test_u_noise_is_two_standard_errors_of_a_difference_of_accuracies():
-    assert figures.u_noise(2000, 1 / 8) == pytest.approx(2 * math.sqrt(0.5 / 2000) / (7 / 8))
-    assert figures.u_noise(200, 1 / 8) > figures.u_noise(2000, 1 / 8)
+    assert u_noise(2000, 1 / 8) == pytest.approx(2 * math.sqrt(0.5 / 2000) / (7 / 8))
+    assert u_noise(200, 1 / 8) > u_noise(2000, 1 / 8)
 
 
 def test_paper_ratios_are_those_of_spec_section_9():
-    ratios = {v: round(figures.paper_ratio(v)[0], 2) for v in figures.PAPER_TABLE1}
+    ratios = {v: round(paper_ratio(v)[0], 2) for v in PAPER_TABLE1}
     assert ratios == {"baseline": 1.0, "soft_masking": 1.06, "hierarchical": 1.06, "contrastive": 1.08,
                       "multiscale": 1.1, "position_masking": 1.13, "soft_masking_sparse": 1.1}
-    assert figures.paper_ratio("baseline")[1] == 0.0
-    assert all(math.isnan(x) for x in figures.paper_ratio("residual"))  # not in the paper
+    assert paper_ratio("baseline")[1] == 0.0
+    assert all(math.isnan(x) for x in paper_ratio("residual"))  # not in the paper
 
 
 # --------------------------------------------------------------------------- table and claims on hand-made runs
@@ -140,21 +144,21 @@ def make_tables(mse: dict[str, float], l1: float = 0.05, U: float = 0.0, share: 
 
 def test_table1_pairs_the_ratio_by_layer_and_seed_and_lists_every_variant():
     tables = make_tables({"baseline": 0.20, "hierarchical": 0.22})
-    table = figures.table1(tables).set_index("variant")
+    table = table1(tables).set_index("variant")
     assert sorted(table.index) == sorted(REGISTRY)
     # Layer 1 is 1% worse for both variants: paired, the ratio is 1.1 on every pair (std ~0).
     assert table.at["hierarchical", "mse_ratio_mean"] == pytest.approx(1.1, rel=1e-2)
     assert table.at["hierarchical", "mse_ratio_std"] < 1e-2
     assert table.at["residual", "runs"] == 0 and math.isnan(table.at["residual", "mse_mean"])
     assert table.at["hierarchical", "paper_mse_ratio_mean"] == pytest.approx(1.52 / 1.44)
-    md = figures.table1_markdown(table.reset_index())
+    md = table1_markdown(table.reset_index())
     assert "| residual | 0 | — |" in md
 
 
 def test_claims_on_hand_made_numbers():
     tables = make_tables({"baseline": 0.20, "position_masking": 0.30, "hierarchical": 0.21, "position_weighted": 0.2},
                          l1=0.05, U=0.0, share=0.72, gate=0.5)
-    df = figures.claims(tables).set_index("claim")
+    df = claims(tables).set_index("claim")
     verdict = {c.split(" ")[0] + " " + c.split(" ")[1]: v for c, v in df["verdict"].items()}
     assert verdict["MSE between"] == CANNOT  # the paper's scale is unstated
     assert verdict["MSE ordering:"] == HOLDS  # baseline lowest, position_masking highest
@@ -171,5 +175,5 @@ def test_claims_on_hand_made_numbers():
 
 def test_a_position_score_beyond_the_probe_noise_differs():
     tables = make_tables({"baseline": 0.2, "hierarchical": 0.21}, U=0.2)
-    df = figures.claims(tables)
+    df = claims(tables)
     assert df.loc[df["claim"].str.startswith("unlearning"), "verdict"].item() == DIFFERS

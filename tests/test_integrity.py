@@ -21,11 +21,11 @@ import pytest
 
 from posae import checkpoint
 from posae.__main__ import main
-from posae.config import load_config
-from posae.figures import figures_dir
-from posae.metrics import find_runs
-from posae.paths import run_dir
-from posae.reproduce import UpstreamNotReady, reproduce
+from posae.checkpoint import find_runs
+from posae.checks import load_config
+from posae.paths import figures_dir, run_dir
+from posae.pipeline.driver import reproduce
+from posae.pipeline.stages import UpstreamNotReady
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_a_changed_store_is_recaptured_and_nothing_downstream_reruns(copy, refer
 
 def test_capture_itself_recaptures_a_store_whose_data_changed(copy, reference, capfd):
     """Without the driver: notebook 01 checks every file's digest before reusing a store."""
-    from posae.capture import capture
+    from posae.data.capture import capture
 
     _edit_store_array(copy[0])
     capfd.readouterr()
@@ -191,7 +191,7 @@ def test_a_changed_table_figure_or_record_reruns_its_stage_only(copy, reference,
 def test_only_stops_before_a_stage_whose_upstream_product_is_missing(copy, reference, monkeypatch, capsys):
     shutil.rmtree(copy[0] / "saes" / "residual" / "layer_1" / "seed_1")
     before = tables(*copy)
-    monkeypatch.setattr("posae.reproduce.execute", lambda *a: pytest.fail("a stage ran"))
+    monkeypatch.setattr("posae.pipeline.driver.execute", lambda *a: pytest.fail("a stage ran"))
     with pytest.raises(UpstreamNotReady) as err:
         rerun(only=("probe", "figures"), force=("probe",))
     assert str(err.value) == (

@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file
 
 from posae import checkpoint
-from posae.capture import capture
-from posae.config import load_config
-from posae.store import is_complete
+from posae.checks import load_config
+from posae.data.capture import capture
+from posae.data.store import is_complete
 from posae.train import train_variant
 
 pytestmark = pytest.mark.kill
@@ -51,7 +51,7 @@ _HARNESS = '''
 import os, shutil, signal
 from pathlib import Path
 from posae import checkpoint, train
-from posae.store import StoreWriter
+from posae.data.store import StoreWriter
 
 def kill_on_call(owner, name, n, when="after", where=lambda *args, **kwargs: True):
     """SIGKILL this process at the n-th call of owner.name that `where` accepts, before or after it runs."""
@@ -71,14 +71,14 @@ def kill_on_call(owner, name, n, when="after", where=lambda *args, **kwargs: Tru
 '''
 
 _CAPTURE = '''
-from posae.capture import capture
-from posae.config import load_config
+from posae.data.capture import capture
+from posae.checks import load_config
 capture(load_config("smoke"), progress=False)
 '''
 
 _TRAIN = '''
 import dataclasses
-from posae.config import load_config
+from posae.checks import load_config
 from posae.train import train_variant
 cfg = load_config("smoke")
 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=30))

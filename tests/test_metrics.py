@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from posae import checkpoint, metrics
-from posae.config import ConfigError, load_config, to_dict
+from posae import checkpoint
+from posae.checks import load_config
+from posae.config import ConfigError, to_dict
+from posae.data.store import write_store
+from posae.eval import metrics
 from posae.paths import activations_dir, run_dir, sae_dir
 from posae.saes import REGISTRY, build
-from posae.store import write_store
 
 T = 16  # context length of the synthetic stores; positions 1..15 are stored (BOS excluded)
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from posae import models
 from posae.config import ConfigError, ModelConfig, RandomModelConfig
+from posae.data import models
 
 
 def test_describe_knows_the_offline_alias_and_the_papers_model_without_loading():

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from posae import plan as P
 from posae.__main__ import main
-from posae.config import Config, CorpusConfig, SAEConfig, TrainConfig, load_config
+from posae.checks import load_config
+from posae.config import Config, CorpusConfig, SAEConfig, TrainConfig
+from posae.pipeline import cost as P
 from posae.saes import REGISTRY, variant_config
 
 # numpy's .npy format 1.0: 6 magic bytes, 2 version bytes, a 2-byte length, then the header dict
@@ -23,7 +24,7 @@ def smoke_plan():
 
 @pytest.fixture(scope="module")
 def paper_plan():
-    return P.make_plan("paper")  # offline: gemma-2-2b's shapes come from posae.models.KNOWN_CONFIGS unless cached
+    return P.make_plan("paper")  # offline: gemma-2-2b's shapes come from posae.data.models.KNOWN_CONFIGS unless cached
 
 
 def test_smoke_tokens_and_store_bytes_by_hand(smoke_plan):
@@ -131,7 +132,7 @@ def test_plan_command_prints_offline_and_refuses_unknown_gpus(capsys):
 def test_known_architectures_agree_with_the_offline_validation_table():
     from transformers import AutoConfig
 
-    from posae.models import KNOWN_CONFIGS, KNOWN_MODELS
+    from posae.data.models import KNOWN_CONFIGS, KNOWN_MODELS
 
     for name, info in KNOWN_MODELS.items():
         if name not in KNOWN_CONFIGS:

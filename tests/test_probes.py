@@ -8,13 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-from posae import checkpoint, metrics
-from posae.config import load_config, to_dict
+from posae import checkpoint
+from posae.checks import load_config
+from posae.config import to_dict
+from posae.data.store import write_store
+from posae.eval import metrics
+from posae.eval.probes import COLUMNS, positional_feature_counts, probe_all, unlearning_score
+from posae.eval.probing import fit_probe, probe_sample, split_by_sequence, stratified_subsample
 from posae.paths import activations_dir, run_dir, sae_dir
-from posae.probes import (COLUMNS, fit_probe, position_bucket, positional_feature_counts, probe_all, probe_sample,
-                          split_by_sequence, stratified_subsample, unlearning_score)
 from posae.saes import build
-from posae.store import write_store
+from posae.saes.buckets import position_bucket
 
 
 def test_bucket_is_floor_of_t_times_buckets_over_L():

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from posae import capture as cap
-from posae import models
-from posae.config import ModelConfig, load_config
-from posae.store import ActivationStore
+from posae.checks import load_config
+from posae.config import ModelConfig
+from posae.data import capture as cap
+from posae.data import models
+from posae.data.store import ActivationStore
 
 pytestmark = pytest.mark.real
 

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from posae.config import load_config
-from posae.figures import figures_dir
-from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
-from posae.reproduce import Stage, StageFailed, UnknownStage, execute, fingerprint, plan, reproduce
+from posae.checks import load_config
+from posae.paths import NOTEBOOKS_DIR, REPO_ROOT, figures_dir, run_dir
+from posae.pipeline.driver import execute, reproduce
+from posae.pipeline.stages import Stage, StageFailed, UnknownStage, fingerprint, stage_list
 
 
 def test_every_stage_runs_and_renders(smoke_reproduction):
     names = [r["stage"] for r in smoke_reproduction]
     assert names[:2] == ["capture", "structure"] and names[-1] == "figures"
-    assert sum(n.startswith("train:") for n in names) == len(plan(load_config("smoke"))) - 5
+    assert sum(n.startswith("train:") for n in names) == len(stage_list(load_config("smoke"))) - 5
     out = run_dir("smoke") / "notebooks"
-    for stage in plan(load_config("smoke")):
+    for stage in stage_list(load_config("smoke")):
         assert (out / f"{stage.output_stem}.ipynb").exists()
         assert (out / f"{stage.output_stem}.html").stat().st_size > 10_000
         assert (figures_dir("smoke") / "notebooks" / f"{stage.output_stem}.html").exists()
@@ -41,7 +41,7 @@ def test_a_lost_stage_record_reruns_that_stage_only(smoke_reproduction):
 
 def test_changing_one_variant_invalidates_only_what_reads_it(tmp_path):
     cfg = load_config("smoke")
-    stages = plan(cfg)
+    stages = stage_list(cfg)
     variant_file = tmp_path / "baseline.yaml"
     variant_file.write_text("train: {l1_scale: 1.0}\n")
     stages = [Stage(s.name, s.notebook, s.parameters, s.depends, (variant_file,) if s.name == "train:baseline" else s.inputs)

@@ -116,7 +116,7 @@ def test_autocast_bf16_forward_stays_close(name):
 
 
 def test_position_masking_fires_only_the_bucket_of_t():
-    from posae.probes import position_bucket
+    from posae.saes.buckets import position_bucket
 
     sae = make("position_masking")
     with torch.no_grad():

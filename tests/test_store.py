@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from posae.store import ActivationStore, StoreError, StoreWriter, file_record, is_complete, write_store
+from posae.data.store import ActivationStore, StoreError, StoreWriter, file_record, is_complete, write_store
 
 
 def synthetic(n=600, d=12, seed=0):

@@ -27,11 +27,11 @@ def _outputs(notebook: Path):
 
 
 def test_rendered_notebooks_hold_no_warnings_refreshes_or_machine_paths(smoke_reproduction, runs_root):
-    from posae.config import load_config
-    from posae.reproduce import plan
+    from posae.checks import load_config
+    from posae.pipeline.stages import stage_list
 
     folder = runs_root / "smoke" / "notebooks"
-    notebooks = [folder / f"{stage.output_stem}.ipynb" for stage in plan(load_config("smoke"))]
+    notebooks = [folder / f"{stage.output_stem}.ipynb" for stage in stage_list(load_config("smoke"))]
     assert len(notebooks) == 15
     for nb in notebooks:
         for out, text in _outputs(nb):

@@ -9,10 +9,10 @@ import torch
 
 from posae import checkpoint, train
 from posae.config import Config, ConfigError, SAEConfig, TrainConfig
+from posae.data.store import file_record, write_store
 from posae.paths import activations_dir
 from posae.saes import REGISTRY, variant_config
-from posae.store import file_record, write_store
-from posae.train import ReconLoss, batch_indices, lr_at, l1_at, train_run
+from posae.train import ReconLoss, batch_indices, l1_at, lr_at, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,16 +12,16 @@ import sys
 # when that module is loaded (it raised, so it is), so neither --help nor a config error imports torch.
 KNOWN_ERRORS = {
     ("posae.config", "ConfigError"): 2,
-    ("posae.reproduce", "UnknownStage"): 2,
-    ("posae.reproduce", "ExecutorError"): 2,
-    ("posae.plan", "UnknownGPU"): 2,
+    ("posae.pipeline.stages", "UnknownStage"): 2,
+    ("posae.pipeline.driver", "ExecutorError"): 2,
+    ("posae.pipeline.cost", "UnknownGPU"): 2,
     ("posae.paths", "Busy"): 2,
     ("posae.paths", "OutputNotWritable"): 2,
-    ("posae.export", "ExportError"): 2,
-    ("posae.store", "StoreError"): 2,
+    ("posae.pipeline.export", "ExportError"): 2,
+    ("posae.data.store", "StoreError"): 2,
     ("posae.checkpoint", "CheckpointMismatch"): 2,
-    ("posae.reproduce", "UpstreamNotReady"): 2,  # before StageFailed, its base: the first match wins
-    ("posae.reproduce", "StageFailed"): 1,
+    ("posae.pipeline.stages", "UpstreamNotReady"): 2,  # before StageFailed, its base: the first match wins
+    ("posae.pipeline.stages", "StageFailed"): 1,
     ("posae.train", "TrainingDiverged"): 1,
 }
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -110,24 +110,24 @@ def _run(args: argparse.Namespace) -> int:
     # The notebooks papermill starts inherit the environment, so they see the override too.
     with device_env(getattr(args, "device", None)):
         if args.command == "reproduce":
-            from posae.reproduce import reproduce
+            from posae.pipeline.driver import reproduce
 
             # --variants "" is a list naming nothing (refused), not "all": only leaving it out means all.
             reproduce(args.config, force=_split(args.force), only=_split(args.only),
                       variants=list(_split([args.variants])) if args.variants is not None else None,
                       jobs=args.jobs, executor=args.executor, scheduler=args.scheduler, workers=args.workers)
         elif args.command == "capture":
-            from posae.capture import capture
-            from posae.config import load_config
+            from posae.checks import load_config
+            from posae.data.capture import capture
 
             capture(load_config(args.config))
         elif args.command == "export-saelens":
-            from posae.export import export_saelens
+            from posae.pipeline.export import export_saelens
 
             out = export_saelens(args.run_dir, args.out_dir, force=args.force)
             print(f"wrote {out}: load it with sae_lens.SAE.load_from_disk({str(out)!r}); it takes raw activations")
         elif args.command == "plan":
-            from posae.plan import format_plan, make_plan
+            from posae.pipeline.cost import format_plan, make_plan
 
             print(format_plan(make_plan(args.config, gpu=args.gpu)))
     return 0

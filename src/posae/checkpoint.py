@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from posae.config import SAEConfig, build_dataclass
-from posae.paths import atomic_dir, clean_stale_temps, run_dir
-from posae.saes import SAE, build
-from posae.store import file_problem, file_record
+from posae.config import Config, SAEConfig, build_dataclass
+from posae.data.store import file_problem, file_record
+from posae.paths import atomic_dir, clean_stale_temps, read_json_object, run_dir
+from posae.saes import SAE, build, variant_config
 
 FORMAT_VERSION = 1
 WEIGHTS, INFO, METRICS, STATE = "weights.safetensors", "config.json", "metrics.jsonl", "train_state.safetensors"
@@ -77,12 +78,7 @@ def read_info(folder: Path | str) -> dict[str, Any] | None:
     path = folder / INFO
     if not path.exists():
         return None
-    try:
-        info = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptRun(f"{path}: not valid JSON ({e}). {RETRAIN}") from None
-    if not isinstance(info, dict):
-        raise CorruptRun(f"{path}: not a JSON object. {RETRAIN}")
+    info = read_json_object(path, CorruptRun, RETRAIN)
     check_identity(folder, info)
     return info
 
@@ -271,3 +267,25 @@ def runs_frame(config_name: str, variants: list[str] | None = None, layers: list
 
 
 _TABLE_METRICS = ("mse", "explained_variance", "l0", "l1", "dead_fraction", "resampled_fraction")
+
+
+def find_runs(cfg: Config, variants: list[str] | None = None) -> list[Path]:
+    """Finished run folders of the configured layers; warns about expected runs that are missing.
+
+    Each run's identity is its path, checked against its config.json, and each of its files against the
+    size and digest config.json records (`checkpoint.check_run`): a corrupt run raises `CorruptRun`
+    naming the file, rather than being evaluated or counted twice."""
+    folders = run_folders(cfg.name, variants, list(cfg.capture.layers))
+    if not folders:
+        which = f"variants {', '.join(variants)}" if variants else "any variant"
+        raise FileNotFoundError(f"no finished SAE runs of {which} under {run_dir(cfg.name) / 'saes'}. "
+                                f"Fix: train them first (notebooks/03_train.ipynb -p variant <name>)")
+    found = {(i["variant"], i["layer"], i["seed"]) for i in map(check_run, folders)}
+    names = variants if variants is not None else sorted({v for v, _, _ in found})
+    missing = [(v, layer, seed) for v in names for layer in cfg.capture.layers
+               for seed in variant_config(cfg, v).train.seeds if (v, layer, seed) not in found]
+    if missing:
+        shown = ", ".join(f"{v}/layer {layer}/seed {seed}" for v, layer, seed in missing[:6])
+        warnings.warn(f"{len(missing)} configured runs are not trained (e.g. {shown}); they are left out. "
+                      f"Fix: run notebooks/03_train.ipynb for them", stacklevel=2)
+    return folders

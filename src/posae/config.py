@@ -4,12 +4,14 @@ A run config (``params/<name>.yaml``) has the sections below; every key is optio
 default written here. ``params/variants/<variant>.yaml`` holds only what a variant changes in the
 ``sae`` and ``train`` sections (plus the variant's own ``options``); `posae.saes.variant_config` merges it.
 
-Validation happens entirely in `load_config`, before any heavy work: an unknown or duplicated key,
-a wrong type, NaN or infinity, or a value out of range raises one `ConfigError` naming the file,
-the key and the fix.
+Validation happens before any heavy work, in `read_config` (the file on its own) and then
+`posae.checks.load_config` (the file against the model, the corpus and the variants): an unknown or
+duplicated key, a wrong type, NaN or infinity, or a value out of range raises one `ConfigError`
+naming the file, the key and the fix. This module is the schema and its reader only; it imports
+nothing of posae but `paths`.
 
 The environment variable ``POSAE_DEVICE`` (auto, cpu, cuda or mps) overrides ``model.device`` in
-every config `load_config` returns: the command line's ``--device`` sets it (`device_env`), so the
+every config `read_config` returns: the command line's ``--device`` sets it (`device_env`), so the
 notebooks that papermill starts, which inherit the environment, run on the same device.
 """
 
@@ -61,8 +63,8 @@ RANDOM_ARCHITECTURES = ("gemma3_text", "gemma2", "llama", "mistral", "qwen2", "p
 class RandomModelConfig:
     """A tiny randomly initialised causal LM, built from a transformers config (no download).
 
-    The sizes are generic; `posae.models.random_model` passes each to the architecture's config
-    under that config's own name, and `posae.models.describe` refuses sizes the architecture cannot take.
+    The sizes are generic; `posae.data.models.random_model` passes each to the architecture's config
+    under that config's own name, and `posae.data.models.describe` refuses sizes the architecture cannot take.
     """
 
     architecture: str = doc_field(
@@ -204,10 +206,6 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
@@ -385,12 +383,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def load_config(name_or_path: str | Path = "default", check_model: bool = True) -> Config:
-    """Load and validate a run config; raises ConfigError before any heavy work.
-
-    With `check_model`, the layers are checked against the model's layer count and the model and
-    corpus names against what can be loaded (offline where possible: see `posae.models`).
-    """
+def read_config(name_or_path: str | Path = "default") -> Config:
+    """Read a run config and check it on its own (types, bounds, sections that must agree); raises
+    ConfigError. Nothing outside the file is consulted: `posae.checks.load_config` adds the checks
+    against the world (the model, the corpus, the variants)."""
     path = resolve_config_path(name_or_path)
     data = read_yaml(path)
     data.setdefault("name", path.stem)
@@ -399,7 +395,7 @@ def load_config(name_or_path: str | Path = "default", check_model: bool = True) 
     device = device_override()
     if device is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
-    _check_semantics(cfg, path, check_model)
+    _check_semantics(cfg, path)
     return cfg
 
 
@@ -436,7 +432,7 @@ def device_env(device: str | None) -> Iterator[None]:
             os.environ[DEVICE_ENV] = old
 
 
-def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
+def _check_semantics(cfg: Config, path: Path) -> None:
     layers = cfg.capture.layers
     if not layers:
         raise ConfigError(f"{path}: capture.layers is empty. Fix: list at least one layer, e.g. [3, 8, 13]")
@@ -447,7 +443,7 @@ def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
         raise ConfigError(f"{path}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
     if len(set(seeds)) != len(seeds):  # one run folder per seed: a repeated seed would be one run counted twice
         raise ConfigError(f"{path}: train.seeds {list(seeds)} repeats a seed. Fix: list each seed once")
-    # As posae.probes.split_by_sequence splits the validation sequences: at least one on each side.
+    # As posae.eval.probing.split_by_sequence splits the validation sequences: at least one on each side.
     n_val, fraction = cfg.corpus.n_val, cfg.probe.test_fraction
     n_test = max(1, round(fraction * n_val))
     if n_test >= n_val:
@@ -457,29 +453,3 @@ def _check_semantics(cfg: Config, path: Path, check_model: bool) -> None:
                           "raise corpus.n_val")
     if cfg.sae.buckets > cfg.corpus.seq_len:
         raise ConfigError(f"{path}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")
-    if check_model:
-        from posae import corpus, models  # late import: these pull in transformers
-
-        info = models.describe(cfg.model, path)
-        check_model_fit(cfg, path, info)
-        corpus.check(cfg.corpus, path)
-        from posae.saes import check_variants  # late import: torch
-
-        # sae.options' variant names, every params/variants/*.yaml, and the k each variant gets
-        check_variants(cfg, d_model=info.hidden_size)
-
-
-def check_model_fit(cfg: Config, path: Path | str, info: Any) -> None:
-    """The layers exist in the model and a sequence fits its context (`info`: `posae.models.ModelInfo`)."""
-    bad = [l for l in cfg.capture.layers if l >= info.num_layers]
-    if bad:
-        raise ConfigError(f"{path}: capture.layers has {bad[0]}, but {cfg.model.name} has {info.num_layers} layers "
-                          f"(0..{info.num_layers - 1}). Fix: use layers below {info.num_layers}")
-    if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
-        raise ConfigError(f"{path}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
-                          f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}")
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Each field's documentation, for `--help` texts and the README."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO_ROOT / "params"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 FIGURES_DIR = REPO_ROOT / "figures"
+FIGURES_ENV = "POSAE_FIGURES"
 
 
 def _umask() -> int:
@@ -139,6 +140,17 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 def write_text_atomic(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json_object(path: Path, error: type[Exception], fix: str) -> dict:
+    """The JSON object in `path`; `error` naming the file and `fix` when it is not valid JSON or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}). {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: not a JSON object. {fix}")
+    return obj
 
 
 def write_json_atomic(path: Path | str, obj: Any) -> None:
@@ -325,3 +337,15 @@ def clean_stale_temps(folder: Path, name: str | None = None) -> None:
         for p in [*folder.glob(f".{pattern}.*.tmp"), *folder.glob(f".{pattern}.old-*")]:
             if _stale(p):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def figures_dir(config_name: str) -> Path:
+    """``$POSAE_FIGURES/<config>`` when that is set, else ``figures/<config>`` at the repository root."""
+    root = os.environ.get(FIGURES_ENV)
+    return (Path(root) if root else FIGURES_DIR) / config_name
+
+
+def write_csv_atomic(df: Any, path: Path) -> None:
+    """A pandas DataFrame as CSV (no index), atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)

@@ -98,3 +98,10 @@ def _si(x: float) -> str:
         if abs(x) >= div:
             return f"{x / div:.3g}{suffix}"
     return f"{x:,.0f}" if abs(x) >= 10 or float(x).is_integer() else f"{x:.2g}"
+
+
+def progress_iter(items: list, enabled: bool, desc: str):
+    """`items`, with one progress line over the runs when `enabled`."""
+    if not enabled:
+        return items
+    return bar(items, total=len(items), desc=desc, unit="runs")

@@ -36,11 +36,13 @@ import torch
 from torch import Tensor
 
 import posae
-from posae import checkpoint, models, notebook
-from posae.config import Config, ConfigError, TrainConfig, check_parameter, load_config, to_dict
+from posae import checkpoint, provenance
+from posae.checks import load_config
+from posae.config import Config, ConfigError, TrainConfig, check_parameter, to_dict
+from posae.data import models
+from posae.data.store import ActivationStore, open_layer_stores, reason
 from posae.paths import clean_stale_temps, lock_path, locked, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
-from posae.store import ActivationStore, open_layer_stores, reason
 
 # --------------------------------------------------------------------------- public entry point
 
@@ -150,7 +152,7 @@ def _train_run(cfg: Config, variant: str, layer: int, seed: int, store: Activati
 def start(cfg: Config, variant: str, seed: int, store: ActivationStore,
           device: torch.device | str = "cpu") -> TrainState:
     # Built (and seeded) on the CPU, then moved: the same initial weights on every device.
-    sae = build(variant, store.d_model, cfg.sae, seq_len(cfg, store), seed=seed).to(device)
+    sae = build(variant, store.d_model, cfg.sae, store.seq_len, seed=seed).to(device)
     sae.train()
     return TrainState(sae=sae, opt=make_optimizer(sae, cfg.train),
                       since_fired_K=torch.zeros(sae.k, dtype=torch.long, device=device),
@@ -180,7 +182,7 @@ def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             # Cast once here: autocast would cast x again for every matmul that reads it.
             out = sae(x_BD if dtype is None else x_BD.to(dtype), pos_B)
-        terms, err_sq_B, mass_K = objective(out, x_BD, pos_B, tcfg, state.step, seq_len(cfg, store))
+        terms, err_sq_B, mass_K = objective(out, x_BD, pos_B, tcfg, state.step, store.seq_len)
         finite &= torch.isfinite(terms["total"].detach())
         (terms["total"] / tcfg.grad_accum).backward()
         fired_K |= mass_K > 0  # features are non-negative: a feature fired iff its batch total is positive
@@ -317,27 +319,13 @@ def check_batch(cfg: Config, store: ActivationStore) -> None:
                           f"tokens of {store.path}. Fix: lower train.batch_size")
 
 
-def seq_len(cfg: Config, store: ActivationStore) -> int:
-    """L: the context length, so positions run 0..L-1 (BOS, at 0, is usually excluded from the store)."""
-    return int(store.meta.get("seq_len", cfg.corpus.seq_len))
-
-
 def autocast_dtype(tcfg: TrainConfig, device: torch.device | str = "cpu") -> torch.dtype | None:
     """bfloat16 where `device` computes it natively (else it is slower than fp32); None = plain fp32."""
     if tcfg.dtype == "float32":
         return None
     if tcfg.dtype == "bfloat16":
         return torch.bfloat16
-    device = torch.device(device)
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (device.type == "cpu" and native_bf16())
-    return torch.bfloat16 if native else None
-
-def native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return torch.bfloat16 if models.has_native_bf16(torch.device(device)) else None
 
 
 # --------------------------------------------------------------------------- dead features
@@ -558,6 +546,6 @@ def run_info(cfg: Config, variant: str, layer: int, seed: int, store: Activation
         "autocast": str(autocast_dtype(cfg.train, sae.b_dec_D.device) or "float32").replace("torch.", ""),
         "diagnostics_start": (old or {}).get("diagnostics_start", sae.diagnostics()),
         "train_seconds": (old or {}).get("train_seconds", 0.0),
-        "run_hash": ident, "git_commit": notebook.git_commit(), "posae_version": posae.__version__,
+        "run_hash": ident, "git_commit": provenance.git_commit(), "posae_version": posae.__version__,
         "torch_version": torch.__version__, "steps": cfg.train.steps,
     }

@@ -22,11 +22,12 @@ import dataclasses
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from posae.config import Config, ConfigError, SAEConfig, TrainConfig, build_dataclass, read_yaml, to_dict
+from posae.config import (Config, ConfigError, SAEConfig, TrainConfig, build_dataclass, check_parameter, read_yaml,
+                          to_dict)
 from posae.paths import PARAMS_DIR
 from posae.saes.base import SAE, ForwardOutput, NoOptions, dictionary_size, options_dict
 
@@ -60,7 +61,23 @@ def get(name: str) -> type[SAE]:
 
 
 def variant_path(name: str) -> Path:
+    """params/variants/<name>.yaml: the one place a variant's file is named (it need not exist)."""
     return PARAMS_DIR / "variants" / f"{name}.yaml"
+
+
+def as_variant_list(variants: str | Iterable[str] | None) -> list[str] | None:
+    """None, a list, or a comma-separated string (what `papermill -p variants a,b` passes)."""
+    if variants is None:
+        return None
+    if isinstance(variants, str):
+        names = [v.strip() for v in variants.split(",")]
+    else:
+        names = list(check_parameter("variants", variants, tuple[str, ...],
+                                     'give a list or a comma-separated string, e.g. papermill -p variants baseline,contrastive'))
+    names = [n for n in names if n]
+    for name in names:
+        get(name)  # an unknown name fails here, listing the known ones
+    return names
 
 
 def parse_options(name: str, options: dict[str, Any], where: str = "sae.options") -> Any:

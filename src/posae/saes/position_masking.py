@@ -8,6 +8,7 @@ from torch import Tensor
 
 from posae.config import SAEConfig
 from posae.saes import register
+from posae.saes.buckets import position_bucket
 from posae.saes.grouped import GroupedSAE
 
 
@@ -23,8 +24,6 @@ class PositionMasking(GroupedSAE):
 
     def __init__(self, d_model, sae_cfg, seq_len, options, generator):
         super().__init__(d_model, sae_cfg, seq_len, options, generator)
-        from posae.probes import position_bucket  # late: probes pulls in scikit-learn
-
         buckets, P = sae_cfg.buckets, self.k - self.n_global
         bucket_T = torch.from_numpy(position_bucket(np.arange(seq_len), seq_len, buckets))
         bucket_P = torch.arange(P) * buckets // P

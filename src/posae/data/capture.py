@@ -7,7 +7,7 @@ the final norm and the unembedding (a third of Gemma 3 270M's parameters) never 
 last hidden state of a model cut short (``num_hidden_layers`` lowered) would be wrong: transformers
 applies the final norm to it.
 
-Stores are written per (layer, split) through `posae.store.StoreWriter`, training split first so
+Stores are written per (layer, split) through `posae.data.store.StoreWriter`, training split first so
 that validation gets the training mean and scale. Each store's content hash covers the model,
 corpus and capture settings, the resolved forward dtype and device, and the token ids; a complete
 store with the same hash whose files still have the digests its meta.json records is reused, and the
@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from posae.config import Config, ConfigError, to_dict
-from posae.paths import activations_dir, clean_stale_temps, lock_path, locked, run_dir
+from posae.config import Config
+from posae.paths import activations_dir, clean_stale_temps, locked
 
 # Bump when the capture changes what a store contains, so that old stores are recomputed.
 CAPTURE_VERSION = 1
@@ -108,22 +108,10 @@ def tokens_hash(seqs: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def store_settings(cfg: Config, layer: int) -> dict[str, Any]:
-    """The config sections a store of `layer` depends on; saved in its meta.json, so that a reader
-    (training, probes) can tell a store captured under other settings (`posae.store.open_layer_stores`).
-
-    The capture section enters with `layers` replaced by this store's layer, so that adding a layer
-    to the config leaves the other layers' stores valid. model.device is left out: the device asked
-    for (auto, or a `--device` override) is not what the store depends on; the resolved one is, and
-    `store_hash` has it.
-    """
-    model = {k: v for k, v in to_dict(cfg.model).items() if k != "device"}
-    return {"model": model, "corpus": to_dict(cfg.corpus),
-            "capture": {**to_dict(cfg.capture), "layers": [layer]}}
-
-
 def store_hash(cfg: Config, layer: int, split: str, forward_dtype: str, device: str, token_hash: str) -> str:
     """Content hash of one store: what went in (settings, resolved dtype and device, token ids)."""
+    from posae.data.store import store_settings  # late: the store pulls in torch
+
     blob = {"version": CAPTURE_VERSION, **store_settings(cfg, layer), "split": split, "forward_dtype": forward_dtype,
             "device": device, "tokens": token_hash}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -137,17 +125,12 @@ def store_paths(cfg: Config) -> dict[tuple[int, str], Path]:
 
 
 def validate(cfg: Config) -> Any:
-    """The checks of `load_config`, again, for configs built in code; returns the model's ModelInfo."""
-    from posae import corpus, models
+    """The model and corpus checks of `posae.checks.load_config`, for configs built in code; returns the model's
+    ModelInfo. (Not the variants: capture reads none.)"""
+    from posae.data import corpus, models
 
     info = models.describe(cfg.model, cfg.source)
-    bad = [layer for layer in cfg.capture.layers if not 0 <= layer < info.num_layers]
-    if bad or not cfg.capture.layers:
-        raise ConfigError(f"{cfg.source}: capture.layers {list(cfg.capture.layers)}: {cfg.model.name} has layers "
-                          f"0..{info.num_layers - 1}. Fix: list layers in that range")
-    if info.max_position is not None and cfg.corpus.seq_len > info.max_position:
-        raise ConfigError(f"{cfg.source}: corpus.seq_len {cfg.corpus.seq_len} exceeds the model's context "
-                          f"{info.max_position}. Fix: use a seq_len <= {info.max_position}")
+    models.check_fit(cfg, cfg.source, info)
     corpus.check(cfg.corpus, cfg.source)
     return info
 
@@ -157,19 +140,17 @@ def capture(cfg: Config, progress: bool = True) -> dict[tuple[int, str], Path]:
 
     Stores whose content hash matches are reused; if all match, the model is not loaded.
     """
+    from posae.data.store import capture_lock
+
     validate(cfg)
     # One capture per config at a time; readers of the stores (`open_layer_stores`) wait for it.
     with locked(capture_lock(cfg), f"capturing the activations of {cfg.name}"):
         return _capture(cfg, progress)
 
 
-def capture_lock(cfg: Config) -> Path:
-    return lock_path(run_dir(cfg.name) / "activations", "capture")
-
-
 def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
-    from posae import corpus, models
-    from posae.store import ActivationStore
+    from posae.data import corpus, models
+    from posae.data.store import ActivationStore, store_settings
 
     device = models.resolve_device(cfg.model.device)
     dtype = models.resolve_dtype(cfg.model.dtype, device)
@@ -215,7 +196,7 @@ def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
 def reusable(path: Path, expect_hash: str) -> bool:
     """A complete, intact store of this content hash is at `path`. One that is there but not reusable
     (stale, truncated, its data changed) is said on stderr, with the file and why, before it is recaptured."""
-    from posae.store import reason, store_problem
+    from posae.data.store import reason, store_problem
 
     problem = store_problem(path, expect_hash)
     if problem is not None and path.exists():
@@ -228,8 +209,8 @@ def _capture_split(loaded: Any, seqs_SL: np.ndarray, out: dict[int, Path], metas
     """One pass over `seqs_SL`, streaming every layer in `out` into its own store."""
     import torch
 
+    from posae.data.store import StoreWriter
     from posae.progress import bar as progress_bar
-    from posae.store import StoreWriter
 
     S, L = seqs_SL.shape
     first = 1 if exclude_bos else 0

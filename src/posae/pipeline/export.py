@@ -10,7 +10,7 @@ OUT_DIR gets what the installed sae-lens 6.x release itself writes with ``SAE.sa
     sae_weights.safetensors   W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec
 
 Normalisation is folded into the weights. Our SAEs see z = (x − μ)·s (the training mean μ and
-the scale s that makes the mean ‖z‖² equal d; `posae.store`). SAELens's standard SAE computes
+the scale s that makes the mean ‖z‖² equal d; `posae.data.store`). SAELens's standard SAE computes
 f = ReLU((x − b_dec) W_enc + b_enc), x̂ = f W_dec + b_dec, so with
 
     W_enc' = s·W_enc      b_enc' = b_enc      W_dec' = W_dec / s      b_dec' = b_dec / s + μ

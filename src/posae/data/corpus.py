@@ -71,7 +71,7 @@ def _hub_cached(name: str) -> bool:
 
 def check(corpus_cfg: CorpusConfig, path: Path | str | None = None) -> None:
     """Offline checks that the corpus can be read; raises ConfigError naming file, key and fix."""
-    from posae.models import local_folder
+    from posae.data.models import local_folder
 
     name, key = corpus_cfg.name, _corpus_key(path)
     if name == SOTU:
@@ -112,7 +112,7 @@ def _file_documents(files: list[Path], corpus_cfg: CorpusConfig) -> Iterator[str
     """Documents of local text files (one per file) in the seeded order."""
     import datasets
 
-    from posae.models import hub_offline
+    from posae.data.models import hub_offline
 
     with hub_offline(), _no_datasets_bars():  # reading local files: nothing to watch, and ours says the rest
         ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
@@ -153,7 +153,7 @@ def _hub_documents(name: str, corpus_cfg: CorpusConfig) -> Iterator[str]:
 
 def documents(corpus_cfg: CorpusConfig) -> Iterator[str]:
     """The corpus's documents in the seeded order that makes the split."""
-    from posae.models import local_folder
+    from posae.data.models import local_folder
 
     name = corpus_cfg.name
     if name == SOTU:

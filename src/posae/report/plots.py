@@ -74,7 +74,7 @@ def _variant_labels(df: pd.DataFrame) -> pd.Series:
 def probe_accuracies(probes: pd.DataFrame) -> sns.FacetGrid:
     """Held-out probe accuracy per variant and feature set, mean and range over seeds, one panel per layer.
 
-    `probes` is probes.csv (`posae.probes.probe_all`); the dashed line is chance (1/buckets).
+    `probes` is probes.csv (`posae.eval.probes.probe_all`); the dashed line is chance (1/buckets).
     """
     long = probes.assign(variant=_variant_labels(probes)).melt(
         id_vars=["variant", "layer", "seed"], value_vars=list(ACCURACY_LABELS), var_name="features",
@@ -105,7 +105,7 @@ def unlearning_scores(probes: pd.DataFrame) -> plt.Figure:
 
 def mse_by_position(by_position: pd.DataFrame, variants: list[str] | None = None) -> sns.FacetGrid:
     """Validation MSE (normalised scale) at each position, one line per variant (band: range over seeds),
-    one panel per layer. `by_position` is `posae.metrics.evaluate_all(...).by_position`."""
+    one panel per layer. `by_position` is `posae.eval.metrics.evaluate_all(...).by_position`."""
     df = by_position if variants is None else by_position[by_position["variant"].isin(variants)]
     grid = sns.relplot(data=df, x="position", y="mse", hue="variant", col="layer", kind="line",
                        errorbar=("pi", 100), height=2.8, aspect=PAGE_WIDTH_IN / 3 / 2.8,
@@ -119,7 +119,7 @@ def mse_by_position(by_position: pd.DataFrame, variants: list[str] | None = None
 def position_share_histograms(features: pd.DataFrame, threshold: float = 0.5) -> sns.FacetGrid:
     """Per variant, the distribution of each feature's position-variance share, one colour per group.
 
-    `features` is `posae.metrics.evaluate_all(...).features` (every layer and seed pooled); each
+    `features` is `posae.eval.metrics.evaluate_all(...).features` (every layer and seed pooled); each
     group's bars sum to 100%, dead features (share undefined) are left out; the dashed line is `threshold`.
     """
     df = features.dropna(subset=["position_share"]).assign(variant=_variant_labels(features))
@@ -140,7 +140,7 @@ def position_share_histograms(features: pd.DataFrame, threshold: float = 0.5) ->
 def ablation(runs: pd.DataFrame, name: str, paper: tuple | None, xlabel: str, percent: bool = False) -> plt.Figure:
     """One ablation: each run as a dot (colour = layer), the mean ± std over runs as a bar, per variant;
     the paper's mean ± std as a shaded band. `runs` is ablations_runs.csv; `paper` starts with
-    (mean, std, text), as `posae.ablations.PAPER` entries do, or is None where the paper has no figure."""
+    (mean, std, text), as `posae.paper.PAPER_ABLATIONS` entries do, or is None where the paper has no figure."""
     df = runs[runs["ablation"] == name].dropna(subset=["value"])
     scale = 100.0 if percent else 1.0
     df = df.assign(value=df["value"] * scale, layer=df["layer"].map("layer {}".format))
@@ -162,7 +162,7 @@ def ablation(runs: pd.DataFrame, name: str, paper: tuple | None, xlabel: str, pe
 
 def mse_ratio(table: pd.DataFrame) -> plt.Figure:
     """Validation MSE of each variant over the baseline's: ours (mean ± std over layer-and-seed pairs)
-    beside the paper's (its std propagated from Table 1's). `table` is `posae.figures.table1`."""
+    beside the paper's (its std propagated from Table 1's). `table` is `posae.report.tables.table1`."""
     df = table.dropna(subset=["mse_ratio_mean"]).reset_index(drop=True)
     y = pd.Series(range(len(df)), dtype=float)
     fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 0.32 * max(len(df), 2) + 1.2))
@@ -183,7 +183,7 @@ def position_structure(norms: pd.DataFrame, raw: pd.DataFrame) -> plt.Figure:
     (centred, scaled to mean squared norm d: the SAE's input) at each position, one line per layer;
     right, held-out accuracy of the position-bucket probe on them per layer, chance dashed.
 
-    `norms`: layer, position, normalised_norm_mean (`posae.structure.norm_by_position`);
+    `norms`: layer, position, normalised_norm_mean (`posae.eval.structure.norm_by_position`);
     `raw`: layer, acc_raw, chance (one row per layer, from probes.csv)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 2.8), width_ratios=(2.2, 1))
     sns.lineplot(data=norms.assign(layer=norms["layer"].map("layer {}".format)), x="position",

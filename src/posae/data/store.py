@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from numpy.lib.format import dtype_to_descr, write_array_header_1_0
 
-from posae.paths import atomic_dir, clean_stale_temps
+from posae.config import Config, to_dict
+from posae.paths import activations_dir, atomic_dir, clean_stale_temps, lock_path, locked, read_json_object, run_dir
 
 FORMAT_VERSION = 1
 _FP16_MAX = 65504.0
@@ -52,7 +53,7 @@ RECAPTURE = "Fix: run notebooks/01_capture_activations.ipynb for this config (it
 #
 # Every product records, where it is written, the size and a digest of each file it holds: a store in
 # its meta.json, an SAE run in its config.json (`posae.checkpoint`), a driver stage in its record
-# (`posae.reproduce`). A reader compares them, so a truncated, edited or swapped file is named instead
+# (`posae.pipeline.stages`). A reader compares them, so a truncated, edited or swapped file is named instead
 # of read. sha256 (hashlib): ~1.0 s per GB on an idle core here (2.2 s under load), against xxh3-128's
 # 0.14 s; cheap enough for the default config's 1.5 GB of products, and a dependency we already have.
 
@@ -262,6 +263,12 @@ class ActivationStore:
         return int(self.meta["count"])
 
     @property
+    def seq_len(self) -> int:
+        """L, the context length the store was captured with: positions run 0..L-1 (BOS, at 0, is usually
+        excluded from the store). The one reader of it in the store's metadata."""
+        return int(self.meta["seq_len"])
+
+    @property
     def storage_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.meta["storage_dtype"] == "bfloat16" else torch.float16
 
@@ -339,13 +346,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise StoreError(f"{path}: no complete activation store here (meta.json missing). "
                          "Fix: run notebooks/01_capture_activations.ipynb for this config")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{meta_path}: not valid JSON ({e}). {RECAPTURE}") from None
-    if not isinstance(meta, dict):
-        raise StoreError(f"{meta_path}: not a JSON object. {RECAPTURE}")
-    return meta
+    return read_json_object(meta_path, StoreError, RECAPTURE)
 
 
 def store_problem(path: Path | str, expect_hash: str | None = None) -> str | None:
@@ -373,12 +374,27 @@ def write_store(path: Path | str, acts_ND, tokens_N, pos_N, seq_N, meta: dict[st
     return ActivationStore.open(path)
 
 
+def store_settings(cfg: Config, layer: int) -> dict[str, Any]:
+    """The config sections a store of `layer` depends on; saved in its meta.json, so that a reader
+    (training, probes) can tell a store captured under other settings (`posae.data.store.open_layer_stores`).
+
+    The capture section enters with `layers` replaced by this store's layer, so that adding a layer
+    to the config leaves the other layers' stores valid. model.device is left out: the device asked
+    for (auto, or a `--device` override) is not what the store depends on; the resolved one is, and
+    `store_hash` has it.
+    """
+    model = {k: v for k, v in to_dict(cfg.model).items() if k != "device"}
+    return {"model": model, "corpus": to_dict(cfg.corpus),
+            "capture": {**to_dict(cfg.capture), "layers": [layer]}}
+
+
+def capture_lock(cfg: Config) -> Path:
+    return lock_path(run_dir(cfg.name) / "activations", "capture")
+
+
 def open_layer_stores(cfg, split: str, layers: list[int] | None = None) -> dict[int, ActivationStore]:
     """The stores of `layers` (default: every configured layer) for `split` ('train' or 'val'),
     checked complete and captured under `cfg`'s current model, corpus and capture settings."""
-    from posae.capture import capture_lock, store_settings
-    from posae.paths import activations_dir, locked
-
     stores = {}
     with locked(capture_lock(cfg), "reading the activation stores", shared=True):  # not while a capture writes
         for layer in cfg.capture.layers if layers is None else layers:

@@ -32,28 +32,15 @@ import numpy as np
 import pandas as pd
 
 from posae import checkpoint
+from posae.checkpoint import find_runs
 from posae.config import Config
-from posae.metrics import Evaluation, evaluate_all, find_runs, progress_iter, write_csv_atomic
-from posae.paths import run_dir
+from posae.eval.metrics import Evaluation, evaluate_all
+from posae.paper import PAPER_ABLATIONS
+from posae.paths import run_dir, write_csv_atomic
+from posae.progress import progress_iter
 
 ABLATIONS_CSV, ABLATIONS_RUNS_CSV = "ablations.csv", "ablations_runs.csv"
 
-
-class PaperFigure(NamedTuple):
-    mean: float
-    std: float
-    text: str  # as the paper writes it
-    scope: str  # what the paper measured it on
-    percent: bool  # shown as a percentage
-
-
-PAPER: dict[str, PaperFigure | None] = {
-    "global_magnitude_share": PaperFigure(0.73, 0.05, "73% ± 5%", "hierarchical", True),
-    "gate_activation": PaperFigure(0.12, 0.03, "0.12 ± 0.03", "hierarchical", False),
-    "position_weighting": PaperFigure(0.0, 0.02, "±2% MSE variation", "hierarchical (w_t on vs off)", True),
-    "resampled_fraction": PaperFigure(0.08, 0.02, "8% ± 2%", "hierarchical", True),
-    "mask_activation": None,  # beyond the paper
-}
 
 NOTES = {
     "global_magnitude_share": "Σ‖f_global‖₁ / Σ‖f‖₁ on validation tokens (unit-norm decoder rows: also the share of "
@@ -71,7 +58,7 @@ DIAGNOSTICS = {"gate_activation": "gate_mean", "mask_activation": "mask_mean"}
 class Ablations(NamedTuple):
     summary: pd.DataFrame  # ablations.csv
     runs: pd.DataFrame  # ablations_runs.csv
-    evaluation: Evaluation  # the validation metrics they read (posae.metrics)
+    evaluation: Evaluation  # the validation metrics they read (posae.eval.metrics)
 
 
 # --------------------------------------------------------------------------- one table per ablation (pure)
@@ -114,7 +101,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (ablation, variant): mean and std over layers and seeds, the paper's figure, a note."""
     rows = []
     for (ablation, variant), g in runs.groupby(["ablation", "variant"], sort=False):
-        paper = PAPER.get(ablation)
+        paper = PAPER_ABLATIONS.get(ablation)
         rows.append({
             "ablation": ablation, "variant": variant, "mean": g["value"].mean(), "std": g["value"].std(),
             "runs": int(g["value"].notna().sum()), "layers": g["layer"].nunique(),
@@ -130,7 +117,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary as strings for reading: 'ours' (mean ± std, in % where the paper uses %) beside 'paper'."""
     ours = []
     for ablation, mean, std in zip(summary["ablation"], summary["mean"], summary["std"]):
-        paper = PAPER.get(ablation)
+        paper = PAPER_ABLATIONS.get(ablation)
         spec = ("+.1%" if ablation == "position_weighting" else ".1%") if paper and paper.percent else ".3f"
         std_spec = spec.lstrip("+")
         ours.append("n/a" if not np.isfinite(mean) else
@@ -145,7 +132,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 def run_ablations(cfg: Config, progress: bool = True, write: bool = True) -> Ablations:
     """Every ablation over every finished run of `cfg`; writes ablations.csv and ablations_runs.csv.
 
-    The validation metrics come from `posae.metrics.evaluate_all`, which reuses the rows notebook 04
+    The validation metrics come from `posae.eval.metrics.evaluate_all`, which reuses the rows notebook 04
     saved when the weights and settings still match, and computes them otherwise.
     """
     evaluation = evaluate_all(cfg, progress=progress, write=False)

@@ -2,7 +2,7 @@
 
 Three views per layer: the activation norm by position, a PCA of activations coloured by position,
 and the held-out accuracy of a logistic-regression probe reading the position bucket from the raw
-activations (split by sequence, see `posae.probes`).
+activations (split by sequence, see `posae.eval.probing`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from posae.config import Config
-from posae.probes import probe_sample, raw_accuracy, stratified_subsample
-from posae.store import ActivationStore
+from posae.data.store import ActivationStore
+from posae.eval.probing import probe_sample, raw_accuracy, stratified_subsample
 
 
 def norm_by_position(store: ActivationStore, max_tokens: int = 200_000, chunk: int = 16384) -> pd.DataFrame:
@@ -47,7 +47,7 @@ def pca_by_position(store: ActivationStore, n_tokens: int = 4000, seed: int = 0)
 def raw_position_probe(store: ActivationStore, cfg: Config) -> dict[str, float]:
     """Held-out accuracy of the position-bucket probe on raw (normalised) activations.
 
-    The same sample as notebook 04's probes (`posae.probes.probe_sample`), so its acc_raw equals this.
+    The same sample as notebook 04's probes (`posae.eval.probing.probe_sample`), so its acc_raw equals this.
     """
     sample = probe_sample(store, cfg.probe, cfg.sae.buckets)
     acc = raw_accuracy(store, sample, cfg.probe.max_iter, cfg.probe.seed)

@@ -1,20 +1,20 @@
 """What a run of a config would do, without doing it: ``python -m posae plan --config paper``.
 
 `make_plan` returns a `Plan` (a frozen dataclass of figures) and `format_plan` prints it. Nothing
-is downloaded and no weights are read. (`posae.reproduce.plan` is the driver's list of stages;
+is downloaded and no weights are read. (`posae.pipeline.stages.stage_list` is the driver's list of stages;
 this module uses it for that list.) Where each figure comes from:
 
-- **Tokens.** Every sequence has ``corpus.seq_len`` tokens, BOS first (`posae.corpus`). The forward
+- **Tokens.** Every sequence has ``corpus.seq_len`` tokens, BOS first (`posae.data.corpus`). The forward
   pass runs all of them; a store keeps ``seq_len − 1`` per sequence when ``corpus.exclude_bos``
-  (`posae.capture._capture_split`), else ``seq_len``.
-- **Store size.** `posae.store`'s layout, byte for byte: per (layer, split), ``acts.npy`` [N, d] of
+  (`posae.data.capture._capture_split`), else ``seq_len``.
+- **Store size.** `posae.data.store`'s layout, byte for byte: per (layer, split), ``acts.npy`` [N, d] of
   16-bit values, ``tokens.npy``, ``pos.npy`` and ``seq.npy`` [N] of int32, ``mean.npy`` [d] of
   float32, each behind its .npy header (measured by writing it, as the store does), and
   ``meta.json`` (estimated: `META_JSON_BYTES`).
 - **Model.** Its config (a cached or local ``config.json``; for a hub model not cached here, the
-  shapes in `posae.models.KNOWN_CONFIGS`, taken from the model's public config.json) is built into a model
+  shapes in `posae.data.models.KNOWN_CONFIGS`, taken from the model's public config.json) is built into a model
   on torch's ``meta`` device, which allocates nothing: parameter counts are exact, and
-  `posae.capture.params_run` gives the parameters of the blocks the early-exit forward runs.
+  `posae.data.capture.params_run` gives the parameters of the blocks the early-exit forward runs.
 - **FLOPs.** Capture: 2 × params_run × forward tokens (the blocks' matmuls; attention scores add
   4·L·heads·head_dim per token and block, under 1% at L = 128, and are left out). SAE training:
   the matmul FLOPs of one micro-batch's forward and backward through `posae.train.objective`,
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from posae.config import Config, ConfigError, load_config, to_dict
-
+from posae.checks import load_config
+from posae.config import Config, ConfigError, to_dict
 
 # meta.json of one store: model, corpus and capture settings, counts, scale, hash (~1-2 KB). The
 # only estimated byte count; the .npy files are exact.
@@ -253,9 +253,10 @@ class Plan:
 
 def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str] | None = None) -> Plan:
     """The plan of a full reproduction of `config` (a name, a path or a Config) on `gpu`; offline."""
-    from posae import corpus, models, reproduce
-    from posae.capture import params_run
-    from posae.config import check_model_fit, device_override
+    from posae.config import device_override
+    from posae.data import corpus, models
+    from posae.data.capture import params_run
+    from posae.pipeline.stages import stage_list
     from posae.saes import variant_config
 
     key = gpu.upper()
@@ -265,10 +266,10 @@ def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str
     cfg = config if isinstance(config, Config) else load_config(config, check_model=False)
     model, hf_config, arch_from = meta_model(cfg)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    check_model_fit(cfg, cfg.source, models.info_from_config(hf_config))
+    models.check_fit(cfg, cfg.source, models.info_from_config(hf_config))
     corpus.check(cfg.corpus, cfg.source)
     d = int(text.hidden_size)
-    stages = reproduce.plan(cfg, variants)
+    stages = stage_list(cfg, variants)
     names = [s.name.split(":", 1)[1] for s in stages if s.name.startswith("train:")]
     vplans = []
     for name in names:
@@ -283,7 +284,7 @@ def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str
     g = GPUS[key]
     return Plan(
         config=cfg.name, source=cfg.source, model=cfg.model.name, architecture_from=arch_from,
-        n_layers=int(text.num_hidden_layers), d_model=d, intermediate=_intermediate(text),
+        n_layers=int(text.num_hidden_layers), d_model=d, intermediate=models.mlp_width(text),
         heads=int(getattr(text, "num_attention_heads", 1)),
         params_total=sum(p.numel() for p in model.parameters()),
         params_run=params_run(model, max(cfg.capture.layers)),
@@ -298,7 +299,7 @@ def make_plan(config: str | Path | Config, gpu: str = "A100", variants: list[str
 
 
 def _dtype_on_gpu(name: str, gpu: GPU) -> str:
-    """`auto` as `posae.models.resolve_dtype` would resolve it on `gpu`."""
+    """`auto` as `posae.data.models.resolve_dtype` would resolve it on `gpu`."""
     if name != "auto":
         return name
     return "bfloat16" if gpu.native_bf16 else "float32"
@@ -308,14 +309,6 @@ def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def _intermediate(text: Any) -> int:
-    for attr in ("intermediate_size", "n_inner", "ffn_dim"):
-        value = getattr(text, attr, None)
-        if value:
-            return int(value)
-    return 4 * int(text.hidden_size)
-
-
 # --------------------------------------------------------------------------- the model's shapes
 
 
@@ -323,20 +316,19 @@ def hf_config(cfg: Config) -> tuple[Any, str]:
     """The model's transformers config without network or weights, and where it came from."""
     from transformers import AutoConfig
 
-    from posae import models
-    from posae.paths import cache_dir
+    from posae.data import models
 
-    name, mc = cfg.model.name, cfg.model
-    if name == models.RANDOM:
+    name, mc, source = cfg.model.name, cfg.model, models.resolve_source(cfg.model)
+    if source.kind == "random":
         raise ValueError("the random model is built by `meta_model`")
-    if name == models.GEMMA3_ALIAS:
-        folder = cache_dir() / name
+    if source.kind == "gemma3":
+        folder = source.location
         if (folder / "config.json").is_file():
             with models.hub_offline():
                 return AutoConfig.from_pretrained(folder, local_files_only=True), f"{folder / 'config.json'}"
-        return AutoConfig.for_model(**models.KNOWN_CONFIGS[name]), "posae.models.KNOWN_CONFIGS (not converted yet)"
-    folder = models.local_folder(name)
-    if folder is not None:
+        return AutoConfig.for_model(**models.KNOWN_CONFIGS[name]), "posae.data.models.KNOWN_CONFIGS (not converted yet)"
+    if source.kind == "folder":
+        folder = source.location
         with models.hub_offline():
             return (AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=mc.trust_remote_code),
                     str(folder / "config.json"))
@@ -349,7 +341,7 @@ def hf_config(cfg: Config) -> tuple[Any, str]:
             pass
     if name in models.KNOWN_CONFIGS:
         return (AutoConfig.for_model(**models.KNOWN_CONFIGS[name]),
-                "posae.models.KNOWN_CONFIGS (the public config.json; not cached here)")
+                "posae.data.models.KNOWN_CONFIGS (the public config.json; not cached here)")
     raise ConfigError(f"{cfg.source}: model.name: no offline shapes for {name!r}: its config.json is not cached here "
                       f"and it is not one of {', '.join(k for k in models.KNOWN_CONFIGS if '/' in k)}. Fix: fetch its "
                       f"config once with network access (`hf download {name} config.json`)")
@@ -360,9 +352,9 @@ def meta_model(cfg: Config) -> tuple[Any, Any, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from posae import models
+    from posae.data import models
 
-    if cfg.model.name == models.RANDOM:
+    if models.resolve_source(cfg.model).kind == "random":
         tokenizer = models.random_tokenizer()
         with torch.device("meta"):
             model = models.random_model(cfg.model.random, len(tokenizer), tokenizer)
@@ -378,7 +370,7 @@ def meta_model(cfg: Config) -> tuple[Any, Any, str]:
 
 def npy_bytes(dtype: Any, shape: tuple[int, ...]) -> int:
     """Size of a .npy file holding an array of `dtype` and `shape`: its header (written here, as
-    `posae.store` and `np.save` write it) plus the data."""
+    `posae.data.store` and `np.save` write it) plus the data."""
     from numpy.lib.format import dtype_to_descr, write_array_header_1_0
 
     buf = io.BytesIO()
@@ -387,7 +379,7 @@ def npy_bytes(dtype: Any, shape: tuple[int, ...]) -> int:
 
 
 def store_bytes(tokens: int, d_model: int) -> StoreBytes:
-    """One store of `tokens` activations of width `d_model`, as `posae.store.StoreWriter` writes it."""
+    """One store of `tokens` activations of width `d_model`, as `posae.data.store.StoreWriter` writes it."""
     return StoreBytes(tokens=tokens, acts=npy_bytes(np.uint16, (tokens, d_model)),
                       index=3 * npy_bytes(np.int32, (tokens,)), mean=npy_bytes(np.float32, (d_model,)),
                       meta=META_JSON_BYTES)

@@ -1,6 +1,6 @@
 """Does a reproduction agree with the committed one? Verdicts exactly, Table 1 within a stated tolerance.
 
-``python -m posae.compare REFERENCE NEW`` compares two figures folders (e.g. the committed
+``python -m posae.pipeline.compare REFERENCE NEW`` compares two figures folders (e.g. the committed
 ``figures/default/`` saved before `make reproduce` and the one it rebuilt): every verdict of
 ``claims.csv`` must be identical, every number of ``table1.csv`` within `TOLERANCE`, the paper's
 quoted columns and the run counts exactly equal. It prints each cell that moved, from what to what
@@ -134,7 +134,7 @@ def _both_missing(a: object, b: object) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m posae.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m posae.pipeline.compare", description=__doc__.split("\n")[0])
     p.add_argument("reference", help="the figures folder to compare against (e.g. a copy of the committed one)")
     p.add_argument("new", help="the figures folder a reproduction rebuilt")
     args = p.parse_args(argv)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if problems:
         print(f"{len(problems)} difference(s) beyond the tolerance between {args.reference} and {args.new}; "
-              "the tolerances and why: posae.compare.TOLERANCE, docs/reproducibility.md", file=sys.stderr)
+              "the tolerances and why: posae.pipeline.compare.TOLERANCE, docs/reproducibility.md", file=sys.stderr)
         return 1
     print(f"{args.new} agrees with {args.reference}: claims' verdicts identical, table1 within tolerance")
     return 0

@@ -5,7 +5,8 @@ representation. The bucket of position t in a context of L tokens is ⌊t·bucke
 by default; position_masking uses the same buckets, SPEC §9). Probes train on 80% of the validation
 sequences and are scored on the other 20%: the split is by sequence, so no sequence sits on both
 sides (tokens of one sequence share content, which would leak). Tokens are subsampled stratified by
-position so that every bucket is equally represented and a probe fits in about a second.
+position so that every bucket is equally represented and a probe fits in about a second. These
+primitives (split, subsample, fit, the sample of a layer) are `posae.eval.probing`, shared with notebook 02.
 
 The unlearning score. The paper (§5.2) defines it only in words, "a probe to predict feature
 positions ... measuring its error rate", and reports 0.0 for every variant. Ours (SPEC §7): with
@@ -24,86 +25,26 @@ marked ``grouping = arbitrary``): its U measures no disentanglement, only noise 
 
 from __future__ import annotations
 
-import warnings
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
-from posae import checkpoint, models
-from posae.config import Config, ProbeConfig
-from posae.metrics import as_variant_list, check_normalisation, find_runs, progress_iter, write_csv_atomic
-from posae.paths import lock_path, locked, run_dir
-from posae.saes import SAE
-from posae.store import ActivationStore, open_layer_stores
+from posae import checkpoint
+from posae.checkpoint import find_runs
+from posae.config import Config
+from posae.data import models
+from posae.data.store import ActivationStore, open_layer_stores
+from posae.eval.metrics import check_normalisation
+from posae.eval.probing import ProbeSample, fit_probe, probe_sample, raw_accuracy
+from posae.paths import lock_path, locked, run_dir, write_csv_atomic
+from posae.progress import progress_iter
+from posae.saes import SAE, as_variant_list
 
 PROBES_CSV = "probes.csv"
 COLUMNS = ["variant", "layer", "seed", "grouping", "acc_global", "acc_position", "acc_all", "acc_raw", "U", "chance",
            "train_tokens", "test_tokens"]
-
-
-def position_bucket(pos_N: np.ndarray, seq_len: int, buckets: int) -> np.ndarray:
-    """⌊t·buckets/L⌋ for each position t in [0, L)."""
-    pos_N = np.asarray(pos_N, dtype=np.int64)
-    if pos_N.size and (pos_N.min() < 0 or pos_N.max() >= seq_len):
-        raise ValueError(f"positions must lie in [0, {seq_len}), got {pos_N.min()}..{pos_N.max()}")
-    return (pos_N * buckets) // seq_len
-
-
-class Split(NamedTuple):
-    train_idx: np.ndarray
-    test_idx: np.ndarray
-
-
-def split_by_sequence(seq_N: np.ndarray, test_fraction: float, seed: int) -> Split:
-    """Row indices of train and test tokens, with whole sequences on one side each."""
-    seq_N = np.asarray(seq_N)
-    seqs = np.unique(seq_N)
-    rng = np.random.default_rng(seed)
-    n_test = max(1, int(round(test_fraction * len(seqs)))) if len(seqs) > 1 else 0
-    test_seqs = rng.permutation(seqs)[:n_test]
-    is_test = np.isin(seq_N, test_seqs)
-    return Split(np.flatnonzero(~is_test), np.flatnonzero(is_test))
-
-
-def stratified_subsample(idx: np.ndarray, pos_N: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """At most `n` of the rows `idx`, the same number from every position, sorted (memmap-friendly)."""
-    idx = np.asarray(idx)
-    if len(idx) <= n:
-        return np.sort(idx)
-    rng = np.random.default_rng(seed)
-    positions = pos_N[idx]
-    uniq = np.unique(positions)
-    per = max(1, n // len(uniq))
-    chosen = [rng.permutation(idx[positions == p])[:per] for p in uniq]
-    return np.sort(np.concatenate(chosen))
-
-
-def fit_probe(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
-              max_iter: int = 200, seed: int = 0) -> float:
-    """Held-out accuracy of a standardised multinomial logistic regression.
-
-    BLAS runs on one thread: on a 2-core machine shared with other work, OpenBLAS's threads
-    contend and a fit of 6,400 tokens x 640 features took 3-8 s on two threads against 0.4 s on
-    one. A fit that stops at `max_iter` before converging is kept (its accuracy is a lower bound).
-    """
-    if X_train.shape[1] == 0:
-        return float(np.mean(y_test == np.bincount(y_train).argmax()))
-    # Constant columns (dead features) carry nothing; dropping them keeps the scaler finite.
-    keep = X_train.std(0) > 0
-    if not keep.any():
-        return float(np.mean(y_test == np.bincount(y_train).argmax()))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(X_train[:, keep], y_train)
-        return float(clf.score(X_test[:, keep], y_test))
 
 
 def unlearning_score(acc_position: float, acc_global: float, buckets: int) -> float:
@@ -113,30 +54,6 @@ def unlearning_score(acc_position: float, acc_global: float, buckets: int) -> fl
 
 
 # --------------------------------------------------------------------------- probing SAEs
-
-
-class ProbeSample(NamedTuple):
-    """The tokens one layer's probes train and test on, and their buckets; shared by every run of the layer."""
-
-    train_rows: np.ndarray
-    test_rows: np.ndarray
-    y_train: np.ndarray
-    y_test: np.ndarray
-
-
-def probe_sample(store: ActivationStore, probe_cfg: ProbeConfig, buckets: int) -> ProbeSample:
-    """Split the store's sequences, subsample each side stratified by position, label the buckets.
-
-    The same draw as notebook 02's raw-activation probe (`posae.structure.raw_position_probe`), so
-    acc_raw here equals the accuracy shown there.
-    """
-    pos_N, seq_N = np.asarray(store.pos_N), np.asarray(store.seq_N)
-    split = split_by_sequence(seq_N, probe_cfg.test_fraction, probe_cfg.seed)
-    n_train = int(probe_cfg.tokens * (1 - probe_cfg.test_fraction))
-    tr = stratified_subsample(split.train_idx, pos_N, n_train, probe_cfg.seed)
-    te = stratified_subsample(split.test_idx, pos_N, probe_cfg.tokens - n_train, probe_cfg.seed + 1)
-    y_N = position_bucket(pos_N, int(store.meta["seq_len"]), buckets)
-    return ProbeSample(tr, te, y_N[tr], y_N[te])
 
 
 @torch.inference_mode()
@@ -167,12 +84,6 @@ def probe_sae(sae: SAE, store: ActivationStore, sample: ProbeSample, buckets: in
     acc = group_accuracies(f_train_NK, f_test_NK, sample, sae.probe_groups(), max_iter, seed)
     return {"grouping": "learned" if sae.groups is not None else "arbitrary", **acc,
             "U": unlearning_score(acc["acc_position"], acc["acc_global"], buckets), "chance": 1.0 / buckets}
-
-
-def raw_accuracy(store: ActivationStore, sample: ProbeSample, max_iter: int = 200, seed: int = 0) -> float:
-    """The same probe on the normalised activations themselves: what an SAE's features could reach."""
-    return fit_probe(store.normalised(sample.train_rows).numpy(), sample.y_train,
-                     store.normalised(sample.test_rows).numpy(), sample.y_test, max_iter, seed)
 
 
 def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress: bool = True) -> pd.DataFrame:
@@ -211,7 +122,7 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
 def positional_feature_counts(features: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
     """Per variant and group: features whose position-variance share exceeds `threshold`, mean over runs.
 
-    `features` is `posae.metrics.evaluate_all(...).features`; dead features (share NaN) count as not
+    `features` is `posae.eval.metrics.evaluate_all(...).features`; dead features (share NaN) count as not
     positional. Columns: variant, grouping, group, positional (mean count per run), of (group size), share.
     """
     f = features.assign(positional=features["position_share"] > threshold)

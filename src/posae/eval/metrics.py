@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -41,11 +40,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from posae import checkpoint, models
-from posae.config import Config, check_parameter
-from posae.paths import atomic_path, lock_path, locked, run_dir
-from posae.saes import SAE, get, variant_config
-from posae.store import ActivationStore, open_layer_stores
+from posae import checkpoint
+from posae.config import Config
+from posae.data import models
+from posae.data.store import ActivationStore, open_layer_stores
+from posae.paths import lock_path, locked, run_dir, write_csv_atomic
+from posae.progress import progress_iter
+from posae.saes import SAE, as_variant_list
 
 METRICS_VERSION = 1  # bump when a definition changes: cached rows with an older key are recomputed
 METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV = "val_metrics.csv", "mse_by_position.csv", "feature_stats.csv"
@@ -103,10 +104,6 @@ def eval_rows(store: ActivationStore, n_sequences: int | None, seed: int) -> np.
     return np.arange(len(seq_N))
 
 
-def store_seq_len(store: ActivationStore) -> int:
-    return int(store.meta["seq_len"])
-
-
 @torch.inference_mode()
 def accumulate(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int = 4096) -> Sums:
     """One pass of `sae` over the store's rows `rows_N`, `chunk` tokens at a time.
@@ -117,7 +114,7 @@ def accumulate(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int 
     Runs on the SAE's device (`checkpoint.load_sae(folder, device)`); only the per-chunk sums come back.
     """
     groups = sae.probe_groups()
-    s = Sums(sae.d_model, sae.k, store_seq_len(store), groups, sae.groups is not None)
+    s = Sums(sae.d_model, sae.k, store.seq_len, groups, sae.groups is not None)
     W_dec_KD = sae.W_dec_KD.float()
     device = W_dec_KD.device
     for start in range(0, len(rows_N), chunk):
@@ -248,43 +245,6 @@ class Evaluation(NamedTuple):
     features: pd.DataFrame  # variant, layer, seed, feature, group, firing_rate, mean_activation, position_share, ...
 
 
-def as_variant_list(variants: str | Iterable[str] | None) -> list[str] | None:
-    """None, a list, or a comma-separated string (what `papermill -p variants a,b` passes)."""
-    if variants is None:
-        return None
-    if isinstance(variants, str):
-        names = [v.strip() for v in variants.split(",")]
-    else:
-        names = list(check_parameter("variants", variants, tuple[str, ...],
-                                     'give a list or a comma-separated string, e.g. papermill -p variants baseline,contrastive'))
-    names = [n for n in names if n]
-    for name in names:
-        get(name)  # an unknown name fails here, listing the known ones
-    return names
-
-
-def find_runs(cfg: Config, variants: list[str] | None = None) -> list[Path]:
-    """Finished run folders of the configured layers; warns about expected runs that are missing.
-
-    Each run's identity is its path, checked against its config.json, and each of its files against the
-    size and digest config.json records (`checkpoint.check_run`): a corrupt run raises `CorruptRun`
-    naming the file, rather than being evaluated or counted twice."""
-    folders = checkpoint.run_folders(cfg.name, variants, list(cfg.capture.layers))
-    if not folders:
-        which = f"variants {', '.join(variants)}" if variants else "any variant"
-        raise FileNotFoundError(f"no finished SAE runs of {which} under {run_dir(cfg.name) / 'saes'}. "
-                                f"Fix: train them first (notebooks/03_train.ipynb -p variant <name>)")
-    found = {(i["variant"], i["layer"], i["seed"]) for i in map(checkpoint.check_run, folders)}
-    names = variants if variants is not None else sorted({v for v, _, _ in found})
-    missing = [(v, layer, seed) for v in names for layer in cfg.capture.layers
-               for seed in variant_config(cfg, v).train.seeds if (v, layer, seed) not in found]
-    if missing:
-        shown = ", ".join(f"{v}/layer {layer}/seed {seed}" for v, layer, seed in missing[:6])
-        warnings.warn(f"{len(missing)} configured runs are not trained (e.g. {shown}); they are left out. "
-                      f"Fix: run notebooks/03_train.ipynb for them", stacklevel=2)
-    return folders
-
-
 def check_normalisation(folder: Path, store: ActivationStore) -> None:
     """The run must have been trained on activations normalised exactly as `store`'s."""
     mean_D, scale = checkpoint.load_normalisation(folder)
@@ -326,7 +286,7 @@ def evaluate_all(cfg: Config, variants: str | Iterable[str] | None = None, progr
     """
     names = as_variant_list(variants)
     device = models.resolve_device(cfg.model.device)  # a device that is not there fails before any work
-    folders = find_runs(cfg, names)
+    folders = checkpoint.find_runs(cfg, names)
     stores = open_layer_stores(cfg, "val")
     rows = {layer: eval_rows(store, cfg.probe.eval_sequences, cfg.probe.seed) for layer, store in stores.items()}
     old = read_evaluation(cfg) if reuse else None
@@ -365,11 +325,6 @@ def write_evaluation(cfg: Config, ev: Evaluation, variants: list[str] | None = N
             write_csv_atomic(df, run_dir(cfg.name) / name)
 
 
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def _cached(old: Evaluation | None, info: dict, key: str) -> Evaluation | None:
     if old is None or any("eval_key" not in df for df in old):
         return None
@@ -388,14 +343,6 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
     extra = [c for c in ("position", "feature") if c in df]
     first = [c for c in RUN_KEYS + ["grouping"] + extra if c in df]
     return df[first + [c for c in df if c not in first]].sort_values(RUN_KEYS + extra).reset_index(drop=True)
-
-
-def progress_iter(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from posae.progress import bar
-
-    return bar(items, total=len(items), desc=desc, unit="runs")
 
 
 # --------------------------------------------------------------------------- tables for reading

@@ -1,0 +1,1 @@
+"""Evaluation of trained SAEs: shared probe primitives, metrics, probes, ablations, position structure."""
