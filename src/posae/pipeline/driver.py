@@ -107,12 +107,17 @@ class _Run:
 
     def __init__(self, cfg: Config, stages: list[Stage], fps: dict[str, str], force: tuple[str, ...], total: int,
                  log: Callable[[str], None]):
-        self.cfg, self.fps, self.force, self.total, self.log = cfg, fps, force, total, log
+        self.cfg, self.fps, self.force, self.total, self._log = cfg, fps, force, total, log
         self.stages = {s.name: s for s in stages}
         self.start = time.perf_counter()
         self._records: dict[str, tuple[dict | None, str | None]] = {}
         self._checked: dict[str, list[tuple[str, Path | None]]] = {}
         self._lock = threading.Lock()  # the training stages ask from several threads
+        self._say = threading.Lock()
+
+    def log(self, line: str) -> None:
+        with self._say:  # two training stages finishing at once must not print into one line
+            self._log(line)
 
     def head(self, i: int, stage: Stage) -> str:
         return f"[{i}/{self.total}] {stage.name}"
