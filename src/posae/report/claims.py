@@ -215,7 +215,7 @@ def claims(tables: RunTables, table: pd.DataFrame | None = None) -> pd.DataFrame
 def claims_markdown(df: pd.DataFrame) -> str:
     show = df[["claim", "source", "paper", "ours", "verdict", "reason"]].assign(verdict=df["verdict"].map("**{}**".format))
     return markdown_table(show) + (
-        "\nVerdicts are computed from the numbers (`posae.figures`): **holds** when our mean ± std (over seeds and "  # the name it had: claims.md is a product, its bytes stay
+        "\nVerdicts are computed from the numbers (`posae.report.claims`): **holds** when our mean ± std (over seeds and "
         "layers) overlaps the paper's interval (its mean ± std, the bound, or 0 widened by the probe's noise), for "
         "every variant the claim covers; **differs** when it does not for at least one; **cannot be compared** "
         "where the paper's scale is unstated or we have no measurement.\n")
