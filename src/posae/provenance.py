@@ -14,11 +14,14 @@ from posae.paths import REPO_ROOT
 
 @functools.lru_cache(maxsize=1)  # once per process: runs checkpoint often
 def git_commit() -> str:
-    """The repository's commit, with '+dirty' when the work tree has changes; 'unknown' outside git."""
+    """The repository's commit, with '+dirty' when the code has uncommitted changes; 'unknown' outside git.
+
+    figures/ is left out: it holds products, which a reproduction rewrites before its last stage records this.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures"], cwd=REPO_ROOT,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
