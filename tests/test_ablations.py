@@ -80,7 +80,7 @@ def test_gate_activation_reads_the_learned_gate_and_its_start(runs_root):
     gate = result.summary.query("ablation == 'gate_activation'")
     assert gate["variant"].tolist() == ["hierarchical"]
     assert gate["mean"].iloc[0] == pytest.approx(1 / (1 + np.exp(2.0)))  # σ(−2) ≈ 0.119, the paper's value
-    assert gate["start"].iloc[0] == pytest.approx(0.5)  # σ(0): the initialisation (SPEC §9)
+    assert gate["start"].iloc[0] == pytest.approx(0.5)  # σ(0): the initialisation (docs/decisions.md §9)
     assert gate["paper"].iloc[0] == "0.12 ± 0.03"
 
 

@@ -73,7 +73,7 @@ def test_a_failing_notebook_stops_with_its_error_and_the_saved_notebook(smoke_ca
 
 
 def test_papermill_without_output_path_from_another_directory(smoke_reproduction, tmp_path):
-    """SPEC §2's own form, `papermill notebooks/03_train.ipynb -p variant contrastive` with no output
+    """docs/decisions.md §2's own form, `papermill notebooks/03_train.ipynb -p variant contrastive` with no output
     path (valid when stdout is not a terminal), run from outside the repository."""
     result = subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "03_train.ipynb"),

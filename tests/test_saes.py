@@ -80,7 +80,7 @@ def test_parallel_gradient_removed(name):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_pre_encoder_bias_is_subtracted(name):
-    """Shifting the input and b_dec together leaves the features unchanged (SPEC §9)."""
+    """Shifting the input and b_dec together leaves the features unchanged (docs/decisions.md §9)."""
     sae = make(name)
     x_BD, pos_B = batch()
     shift_D = torch.randn(D)

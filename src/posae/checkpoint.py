@@ -257,7 +257,7 @@ def runs_frame(config_name: str, variants: list[str] | None = None, layers: list
         last = lines[-1]
         row = {"variant": info["variant"], "layer": info["layer"], "seed": info["seed"], "steps": info["step"]}
         row.update({k: last.get(f"metrics/{k}") for k in _TABLE_METRICS})
-        # Gate and mask means at initialisation and at the end (SPEC §9: "report the gate's start and end").
+        # Gate and mask means at initialisation and at the end (docs/decisions.md §9: "report the gate's start and end").
         for key, start in info.get("diagnostics_start", {}).items():
             row[f"{key}_start"], row[f"{key}_end"] = start, last.get(f"metrics/{key}")
         row.update({f"loss_{k.split('/', 1)[1]}": v for k, v in last.items() if k.startswith("losses/")})

@@ -49,7 +49,7 @@ U_REPORTED = 0.0  # Table 1, Fig. 1b, §6.4: "Unlearning scores remained at 0.0 
 CLAIM_TEXT: dict[str, tuple[str, str]] = {
     "mse_range": ("MSE between 1.44 and 1.63 for every variant", "§6.4, Table 1"),
     "mse_ratio": ("MSE relative to the baseline: position-aware variants reconstruct 6–13% worse",
-                  "Table 1 (ratios, SPEC §9)"),
+                  "Table 1 (ratios, docs/decisions.md §9)"),
     "mse_order": ("MSE ordering: {lowest} lowest, {highest} highest", "Table 1, §6.1"),
     "sparsity_target": ("sparsity L1 < 0.1 for every variant", "§5.2 (target)"),
     "sparsity_values": ("sparsity {values}", "§6.1, §6.2"),

@@ -4,13 +4,13 @@
 run, read as a story in `train_run`: resume or start, then `train_step`, `maybe_resample`,
 `maybe_log` and `maybe_checkpoint` until the last step, then a final checkpoint.
 
-The objective is eq. 7 as written (SPEC §9): the mean over tokens of w_t · ‖x_t − x̂_t‖₂ (the
+The objective is eq. 7 as written (docs/decisions.md §9): the mean over tokens of w_t · ‖x_t − x̂_t‖₂ (the
 unsquared norm; ``train.recon_loss: squared`` squares it), w_t = 1 + t/L normalised to mean 1 in
 each batch for the variants that use it (so λ1 means the same everywhere), plus λ1 · l1_scale ·
 ‖f‖₁ per token and the variant's own terms. The paper's Σ_t is a mean here: the scale belongs to
 the learning rate.
 
-Speed (SPEC: the whole default reproduction in 15 minutes on two cores): bf16 autocast where the
+Speed (the whole default reproduction within 10 minutes on two cores): bf16 autocast where the
 CPU has native bf16, with fp32 master weights and AdamW state; the encoder written so autograd
 runs 5 matmuls per step, not 6 (`SAE.pre_acts`); batches gathered straight from the memory-mapped
 store. Determinism: the data order is a pure function of (seed, step) (`batch_indices`), and so is
@@ -246,7 +246,7 @@ class ReconLoss(torch.autograd.Function):
 
 
 def position_weights(pos_B: Tensor, seq_len: int) -> Tensor:
-    """w_t = 1 + t/L (eq. 7), divided by its batch mean so the weights average 1 (SPEC §9)."""
+    """w_t = 1 + t/L (eq. 7), divided by its batch mean so the weights average 1 (docs/decisions.md §9)."""
     w_B = 1.0 + pos_B.float() / seq_len
     return w_B / w_B.mean()
 
@@ -261,7 +261,7 @@ def batch_metrics(x_BD: Tensor, out: ForwardOutput) -> dict[str, float]:
         "metrics/mse": sq_err / err_BD.numel(),
         "metrics/explained_variance": 1.0 - sq_err / max(float((x_BD - x_BD.mean(0)).square().sum()), 1e-12),
         "metrics/l0": float((f_BK > 0).sum(dtype=torch.float32)) / f_BK.shape[0],
-        # Mean activation per feature and token: the paper's "L1 < 0.1" fits this scale (SPEC §9).
+        # Mean activation per feature and token: the paper's "L1 < 0.1" fits this scale (docs/decisions.md §9).
         "metrics/l1": float(f_BK.sum(dtype=torch.float32)) / f_BK.numel(),
     }
 

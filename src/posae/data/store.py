@@ -15,7 +15,7 @@ a folder named like a store with a meta.json is always whole. What happens to it
 reading: `ActivationStore.open` compares every file's size with meta.json's (a stat: free), and
 `verify` (which `is_complete`, hence the capture's decision to reuse a store, calls) its digest.
 
-Normalisation (SPEC §4, §9): centre with the training mean μ, then multiply by one scale per layer
+Normalisation (docs/decisions.md §4, §9): centre with the training mean μ, then multiply by one scale per layer
 chosen so that the mean squared norm of the centred training activations is d. Both live in the
 store; `normalised` applies them.
 """
@@ -322,7 +322,7 @@ class ActivationStore:
         return bits.view(self.storage_dtype).float()
 
     def normalise(self, raw_BD: torch.Tensor) -> torch.Tensor:
-        """(x - μ) · scale: the SAE's input scale (SPEC §9)."""
+        """(x - μ) · scale: the SAE's input scale (docs/decisions.md §9)."""
         return (raw_BD - self._mean_t) * self.scale
 
     def normalised(self, idx) -> torch.Tensor:

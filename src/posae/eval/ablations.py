@@ -14,7 +14,7 @@ resampled_fraction         share of features resampled at least once during trai
 =========================  ===========================================================  ===========
 
 Beyond the paper, `mask_activation` reports soft masking's learned mask σ(M) the same way as the
-gate. Readings (SPEC §9): the paper measured its ablations on the hierarchical model; we report
+gate. Readings (docs/decisions.md §9): the paper measured its ablations on the hierarchical model; we report
 every variant the quantity exists for and mark the paper's row. The gate starts at σ(0) = 0.5; the
 paper's 0.12 is σ(−2), so a gate that never moved from such an initialisation would show it. The
 gate mean is `SAE.diagnostics()` (the whole table, including position 0, which never trains when

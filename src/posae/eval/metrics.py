@@ -1,4 +1,4 @@
-"""Reconstruction and sparsity of trained SAEs on validation activations (SPEC §7, §9; notebook 04).
+"""Reconstruction and sparsity of trained SAEs on validation activations (docs/decisions.md §7, §9; notebook 04).
 
 One streaming pass over a fixed set of whole validation sequences accumulates sufficient statistics
 (`Sums`); everything reported is a pure function of them, with namespaced keys:
@@ -9,8 +9,8 @@ One streaming pass over a fixed set of whole validation sequences accumulates su
     sparsity/l0               active features per token
     sparsity/l1               ‖f‖₁ per token
     sparsity/mean_activation  ‖f‖₁ / k per token: the per-feature mean activation, the scale the paper's
-                              "L1 < 0.1" fits (SPEC §9 Scales); training's metrics/l1 is this same number
-    sparsity/dead_fraction    share of features that never fire on these tokens (SPEC §9: dead features
+                              "L1 < 0.1" fits (docs/decisions.md §9 Scales); training's metrics/l1 is this same number
+    sparsity/dead_fraction    share of features that never fire on these tokens (docs/decisions.md §9: dead features
                               are measured on validation activations, not only by a training counter)
     <group>/l0, <group>/l1, <group>/dead_fraction
     <group>/magnitude_share   the group's share of Σ‖f‖₁; decoder rows have unit norm, so this is also its

@@ -2,14 +2,14 @@
 
 A probe is a logistic regression (standardised inputs) predicting a token's position bucket from a
 representation. The bucket of position t in a context of L tokens is ⌊t·buckets/L⌋ (8 equal buckets
-by default; position_masking uses the same buckets, SPEC §9). Probes train on 80% of the validation
+by default; position_masking uses the same buckets, docs/decisions.md §9). Probes train on 80% of the validation
 sequences and are scored on the other 20%: the split is by sequence, so no sequence sits on both
 sides (tokens of one sequence share content, which would leak). Tokens are subsampled stratified by
 position so that every bucket is equally represented and a probe fits in about a second. These
 primitives (split, subsample, fit, the sample of a layer) are `posae.eval.probing`, shared with notebook 02.
 
 The unlearning score. The paper (§5.2) defines it only in words, "a probe to predict feature
-positions ... measuring its error rate", and reports 0.0 for every variant. Ours (SPEC §7): with
+positions ... measuring its error rate", and reports 0.0 for every variant. Ours (docs/decisions.md §7): with
 acc_G and acc_P the held-out accuracies of probes on the global and on the position-specific
 features, and chance = 1/buckets,
 

@@ -11,7 +11,7 @@ Verdicts (claims.csv), computed by `claims` from the numbers, never written by h
   measurement's noise (`u_noise`). A claim over several variants holds when it holds for each
   variant that can be compared.
 - **differs**: the intervals do not overlap (for a claim over several variants: for at least one).
-- **cannot be compared**: the paper's quantity has no stated scale (its MSE values: SPEC §9 compares
+- **cannot be compared**: the paper's quantity has no stated scale (its MSE values: docs/decisions.md §9 compares
   their ratios and ordering instead), or we have no measurement (the variant was not trained).
 """
 

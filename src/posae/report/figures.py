@@ -55,7 +55,7 @@ CAPTION_FIG1B = """\
 ## Figure 1b · Unlearning score
 
 The paper: *"Unlearning scores remained at 0.0 across all configurations"* (Table 1, §6.4), for a
-score it defines only in words. Ours (SPEC §7): U = clip((acc_P − acc_G)/(1 − chance), 0, 1) from
+score it defines only in words. Ours (docs/decisions.md §7): U = clip((acc_P − acc_G)/(1 − chance), 0, 1) from
 held-out position-bucket probes on the position and the global feature groups. Bars are the mean
 over seeds, whiskers their range, one colour per layer. position_masking is the positive control
 (its position features can only fire in the probe's own bucket), so it should score well above 0;

@@ -25,7 +25,7 @@ from posae.paths import run_dir
 BASELINE = "baseline"
 _NA = math.nan
 
-# SPEC §5's order, which is the paper's (6.1 then 6.2); a variant added later sorts after these.
+# docs/decisions.md §5's order, which is the paper's (6.1 then 6.2); a variant added later sorts after these.
 VARIANT_ORDER = ("baseline", "position_masking", "soft_masking", "soft_masking_sparse", "position_weighted",
                  "attention_routing", "residual", "hierarchical", "contrastive", "multiscale")
 
@@ -103,7 +103,7 @@ class Stat(NamedTuple):
 
 # In table1.md's order (the paper's columns right of ours); table1.csv groups them: the metrics, the
 # probes, the ratio, then the paper's. L1 is the per-feature mean activation ‖f‖₁/k, the scale the
-# paper's "L1 < 0.1" fits (SPEC §9); training's metrics/l1 is the same quantity.
+# paper's "L1 < 0.1" fits (docs/decisions.md §9); training's metrics/l1 is the same quantity.
 TABLE1: tuple[Stat, ...] = (
     Stat("mse", "metrics", "val/mse", "MSE", 3),
     Stat("mse_ratio", "ratio", None, "MSE / baseline", 2),

@@ -6,7 +6,7 @@ tokens' positions, so no caller branches on the architecture:
     f_BK = sae.encode(x_BD, pos_B)          x_hat_BD = sae.decode(f_BK, pos_B)
     out = sae(x_BD, pos_B)                  # ForwardOutput(x_hat, features, aux_losses)
 
-Shared choices (SPEC §9, "Centring"): the decoder bias is subtracted from the encoder's input, the
+Shared choices (docs/decisions.md §9, "Centring"): the decoder bias is subtracted from the encoder's input, the
 encoder starts as the decoder's transpose, and decoder rows (the dictionary's columns in the
 paper's W_d) keep unit norm: `remove_parallel_grads_` before each optimizer step and
 `normalise_decoder_` after it, as SAELens and dictionary_learning do. Features are non-negative in
@@ -60,7 +60,7 @@ class SAE(nn.Module):
         self.options = options
         W_dec_KD = F.normalize(torch.randn(self.k, d_model, generator=generator), dim=-1)
         self.W_dec_KD = nn.Parameter(W_dec_KD)
-        # Tied initialisation (SPEC §9): each feature starts by detecting its own decoder direction.
+        # Tied initialisation (docs/decisions.md §9): each feature starts by detecting its own decoder direction.
         # Contiguous, not a transposed view: a checkpoint reloads it contiguous, and the matmul kernel
         # (hence the rounding) depends on the layout, so a resumed run would drift from an uninterrupted one.
         self.W_enc_DK = nn.Parameter(W_dec_KD.T.contiguous())
@@ -101,7 +101,7 @@ class SAE(nn.Module):
         """`groups`, or for an undivided dictionary an arbitrary split into first and second half.
 
         The half split exists so probes and ablations treat every variant alike; on such a
-        variant it measures no disentanglement (SPEC §7), and `groups is None` says so.
+        variant it measures no disentanglement (docs/decisions.md §7), and `groups is None` says so.
         """
         if self.groups is not None:
             return self.groups

@@ -1,4 +1,4 @@
-"""Position buckets: the probes' labels and position_masking's blocks (SPEC §9), defined once, here."""
+"""Position buckets: the probes' labels and position_masking's blocks (docs/decisions.md §9), defined once, here."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def position_info_nce(z_BP: Tensor, pos_B: Tensor, n_positions: int, temperature
     over τ; the positive is its own position (the same position in other sequences: a sequence
     holds each position once, so leaving the token itself out leaves only other sequences).
     Prototypes are built from every token; `anchors` > 0 scores an evenly strided subset of
-    them, which keeps the term at O(anchors·T·P) instead of O(B²·P) for all pairs (SPEC §9: a
+    them, which keeps the term at O(anchors·T·P) instead of O(B²·P) for all pairs (docs/decisions.md §9: a
     step within 2x the baseline's). Anchors whose position has no other token are skipped.
     """
     z_BP = F.normalize(z_BP.float(), dim=-1)
@@ -53,7 +53,7 @@ def position_info_nce(z_BP: Tensor, pos_B: Tensor, n_positions: int, temperature
 
 @register("contrastive")
 class Contrastive(Hierarchical):
-    """The hierarchical model; its forward adds λ2 · InfoNCE over the position features (SPEC §9).
+    """The hierarchical model; its forward adds λ2 · InfoNCE over the position features (docs/decisions.md §9).
 
     Positives are tokens at the same position in other sequences of the batch, negatives the other
     positions, through per-position prototypes built from the whole batch and scored for a strided

@@ -19,14 +19,14 @@ from posae.saes.grouped import GroupedSAE
 class HierarchicalOptions:
     position_init_std: float = doc_field(
         0.1, "std of the learned position embedding p_t at initialisation (inputs have unit per-dimension scale)", min=0.0)
-    gate_init: float = doc_field(0.0, "initial gate logit: σ(0) = 0.5 (SPEC §9); σ(−2) ≈ 0.12 is the paper's reported gate")
+    gate_init: float = doc_field(0.0, "initial gate logit: σ(0) = 0.5 (docs/decisions.md §9); σ(−2) ≈ 0.12 is the paper's reported gate")
 
 
 @register("hierarchical")
 class Hierarchical(GroupedSAE):
     """f = [f_g ; g_t ⊙ ReLU(f_p + α_t)], x̂ = W_d f + b_d (eqs. 2–6), trained with w_t = 1 + t/L (eq. 7).
 
-    Readings of the ambiguous parts (SPEC §9):
+    Readings of the ambiguous parts (docs/decisions.md §9):
 
     - eq. 2–3: f_g = ReLU(W_g (x − b_d) + b_g), f_p = ReLU(W_p (x − b_d + p_t) + b_p), with
       [W_g; W_p] one [D, K] encoder. W_p p_t is a [T, P] table computed once per step, so the

@@ -14,12 +14,12 @@ from posae.saes.hierarchical import Hierarchical, HierarchicalOptions
 
 @dataclass(frozen=True)
 class MultiScaleOptions(HierarchicalOptions):
-    scales: tuple[int, ...] = doc_field((1, 4, 16), "position granularities: p_t = Σ_s E_s[⌊t/s⌋] (SPEC §9)")
+    scales: tuple[int, ...] = doc_field((1, 4, 16), "position granularities: p_t = Σ_s E_s[⌊t/s⌋] (docs/decisions.md §9)")
 
 
 @register("multiscale")
 class MultiScale(Hierarchical):
-    """The hierarchical model with p_t = E_1[t] + E_4[⌊t/4⌋] + E_16[⌊t/16⌋] (SPEC §9), summed.
+    """The hierarchical model with p_t = E_1[t] + E_4[⌊t/4⌋] + E_16[⌊t/16⌋] (docs/decisions.md §9), summed.
 
     Each scale has its own learned table of ⌈T/s⌉ rows; the sum is a [T, D] table built once per
     step, so the per-token cost equals the hierarchical model's.

@@ -17,7 +17,7 @@ class PositionMasking(GroupedSAE):
     """Global features are a plain ReLU SAE; position features are cut into `buckets` equal blocks and
     only the block of t's bucket may fire at position t.
 
-    Buckets are the probes' own, ⌊t·buckets/L⌋ (SPEC §9), so this variant is the probes' positive
+    Buckets are the probes' own, ⌊t·buckets/L⌋ (docs/decisions.md §9), so this variant is the probes' positive
     control: the position group's activity pattern names the bucket by construction (acc_P ≈ 1).
     Feature j of the position group belongs to block ⌊j·buckets/P⌋.
     """

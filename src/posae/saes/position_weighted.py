@@ -11,6 +11,6 @@ class PositionWeighted(Baseline):
     """The baseline's architecture; only the objective differs.
 
     The weights live in the objective, not the model: params/variants/position_weighted.yaml sets
-    ``train.position_weighted: true`` (w_t normalised to mean 1, SPEC §9), and training with the
+    ``train.position_weighted: true`` (w_t normalised to mean 1, docs/decisions.md §9), and training with the
     baseline's seeds gives the paired comparison of the ablation.
     """

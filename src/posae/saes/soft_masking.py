@@ -14,14 +14,14 @@ from posae.saes.grouped import GroupedSAE
 
 @dataclass(frozen=True)
 class SoftMaskingOptions:
-    mask_init: float = doc_field(0.0, "initial mask logit: σ(0) = 0.5, like the hierarchical gate (SPEC §9)")
+    mask_init: float = doc_field(0.0, "initial mask logit: σ(0) = 0.5, like the hierarchical gate (docs/decisions.md §9)")
 
 
 @register("soft_masking")
 class SoftMasking(GroupedSAE):
     """Position features are ReLU(W_p (x − b_dec) + b_p) ⊙ σ(M[t]), with a learned table M ∈ R^{T×P}.
 
-    The paper's λ1 = 0.04 against its main 0.1 is read as a multiplier of the config's λ1 (SPEC §9):
+    The paper's λ1 = 0.04 against its main 0.1 is read as a multiplier of the config's λ1 (docs/decisions.md §9):
     params/variants/soft_masking.yaml sets ``train.l1_scale: 0.4``.
     """
 

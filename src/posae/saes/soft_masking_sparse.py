@@ -9,4 +9,4 @@ from posae.saes.soft_masking import SoftMasking
 @register("soft_masking_sparse")
 class SoftMaskingSparse(SoftMasking):
     """Soft masking's architecture; the paper's λ1 = 0.2 against its main 0.1 is read as 2× the config's
-    λ1 (SPEC §9): params/variants/soft_masking_sparse.yaml sets ``train.l1_scale: 2.0``."""
+    λ1 (docs/decisions.md §9): params/variants/soft_masking_sparse.yaml sets ``train.l1_scale: 2.0``."""
