@@ -13,8 +13,9 @@ from posae.checks import load_config
 from posae.config import to_dict
 from posae.data.store import write_store
 from posae.eval import metrics
-from posae.eval.probes import COLUMNS, positional_feature_counts, probe_all, unlearning_score
-from posae.eval.probing import fit_probe, probe_sample, split_by_sequence, stratified_subsample
+from posae.eval.probes import (COLUMNS, permuted_within, positional_feature_counts, probe_all, shuffled_positions,
+                               unlearning_score)
+from posae.eval.probing import cluster_se, fit_probe, probe_sample, split_by_sequence, stratified_subsample
 from posae.paths import activations_dir, run_dir, sae_dir
 from posae.saes import build
 from posae.saes.buckets import position_bucket
@@ -54,8 +55,8 @@ def test_probe_reads_a_planted_position_signal_and_not_noise():
     signal = np.c_[np.eye(8)[y] * 3, rng.normal(size=(len(pos), 4))] + rng.normal(size=(len(pos), 12)) * 0.5
     noise = rng.normal(size=(len(pos), 12))
     tr, te = np.arange(0, 1500), np.arange(1500, len(pos))
-    assert fit_probe(signal[tr], y[tr], signal[te], y[te]) > 0.9
-    assert fit_probe(noise[tr], y[tr], noise[te], y[te]) < 0.25
+    assert fit_probe(signal[tr], y[tr], signal[te], y[te]).accuracy > 0.9
+    assert fit_probe(noise[tr], y[tr], noise[te], y[te]).accuracy < 0.25
 
 
 # --------------------------------------------------------------------------- probing SAE runs end to end
@@ -82,17 +83,24 @@ def make_store(cfg, planted: bool, n_seq: int = 120, seed: int = 0):
                        np.repeat(np.arange(n_seq), T - 1), {"seq_len": T, "hash": cfg.name})
 
 
-def save_identity_run(cfg, store, variant: str = "soft_masking"):
-    """f = ReLU(x) feature by feature (soft mask σ(20) ≈ 1): global features see dims 0..7, position features 8..15."""
+def save_identity_run(cfg, store, variant: str = "soft_masking", echo: bool = False):
+    """f = ReLU(x) feature by feature (soft mask σ(20) ≈ 1): global features see dims 0..7, position features 8..15.
+
+    `echo`: position feature j instead fires (≈ 5) wherever the *fed* position is in bucket j, whatever x is: its
+    mask opens on bucket j only and its bias lifts it above zero, so the group echoes the SAE's position input.
+    """
     sae = build(variant, D, cfg.sae, T)
     with torch.no_grad():
         sae.W_enc_DK.copy_(torch.eye(D))
         sae.W_dec_KD.copy_(torch.eye(D))
         sae.b_enc_K.zero_()
         sae.b_dec_D.zero_()
-        for name, p in sae.named_parameters():
-            if name == "mask_logits_TP":
-                p.fill_(20.0)
+        if variant == "soft_masking":
+            sae.mask_logits_TP.fill_(20.0)
+        if echo:
+            sae.b_enc_K[8:] = 5.0
+            sae.mask_logits_TP.copy_(torch.where(torch.from_numpy(np.eye(8)[position_bucket(np.arange(T), T, 8)]) > 0,
+                                                 20.0, -20.0))
     info = {"variant": variant, "layer": 0, "seed": 0, "d_model": D, "k": sae.k, "seq_len": T,
             "config": to_dict(cfg), "normalisation": {"scale": store.scale}, "done": True}
     checkpoint.save_run(sae_dir(cfg.name, variant, 0, 0), sae, info, [], torch.from_numpy(np.asarray(store.mean_D)))
@@ -128,6 +136,47 @@ def test_no_position_signal_gives_an_unlearning_score_near_zero(runs_root):
     row = probe_all(cfg, progress=False).iloc[0]
     assert row["U"] < 0.1
     assert abs(row["acc_position"] - 0.125) < 0.08 and abs(row["acc_global"] - 0.125) < 0.08
+
+
+def test_an_echo_of_the_fed_position_scores_high_on_U_and_zero_on_U_x(runs_root):
+    cfg = make_cfg("probe-echo")
+    save_identity_run(cfg, make_store(cfg, planted=False), echo=True)
+    row = probe_all(cfg, progress=False).iloc[0]
+    assert row["position_input"] == "used"
+    assert row["acc_position"] > 0.95 and row["U"] > 0.9  # the old score credits the echo
+    assert row["U_x"] < 0.05 and abs(row["acc_position_x"] - 0.125) < 0.06  # the new one does not
+    assert abs(row["D_x"] - row["D_x_null"]) < 4 * row["D_x_se"] + 0.02
+
+
+def test_position_read_from_x_keeps_its_score_with_the_input_neutralised(runs_root):
+    cfg = make_cfg("probe-reads-x")
+    save_identity_run(cfg, make_store(cfg, planted=True))
+    row = probe_all(cfg, progress=False).iloc[0]
+    assert row["U"] > 0.5 and row["U_x"] == pytest.approx(row["U"])  # masks all open: the input does nothing
+    assert row["position_input"] == "ignored"
+    assert abs(row["D_x_null"]) < 0.1 and row["converged"]
+    assert row["all_gap"] > -2 * row["all_gap_se"] - 0.01  # all features read at least what the best group does
+
+
+def test_null_labels_are_permuted_within_each_sequence_and_fed_positions_across_tokens():
+    seq = np.repeat(np.arange(20), 10)
+    y = np.tile(np.arange(10), 20)
+    z = permuted_within(y, seq, seed=0)
+    assert not (z == y).all()
+    for s_ in range(20):
+        assert sorted(z[seq == s_]) == sorted(y[seq == s_])
+    fed = shuffled_positions(y, seed=0)
+    assert sorted(fed) == sorted(y) and not (fed == y).all()
+
+
+def test_cluster_se_counts_sequences_not_tokens():
+    rng = np.random.default_rng(0)
+    iid = rng.normal(size=2000)
+    assert cluster_se(iid, np.arange(2000)) == pytest.approx(iid.std(ddof=1) / np.sqrt(2000), rel=0.01)
+    shared = np.repeat(rng.normal(size=20), 100)  # 20 sequences of 100 identical tokens: 20 observations
+    assert cluster_se(shared, np.repeat(np.arange(20), 100)) == pytest.approx(shared[::100].std(ddof=1) / np.sqrt(20),
+                                                                               rel=0.01)
+    assert cluster_se(shared, np.arange(2000)) < cluster_se(shared, np.repeat(np.arange(20), 100)) / 5
 
 
 def test_probes_csv_has_the_columns_marks_arbitrary_halves_and_keeps_other_variants(runs_root):

@@ -162,9 +162,13 @@ class TrainConfig:
 class ProbeConfig:
     """Evaluation on the validation split (notebook 04): position probes and reconstruction metrics."""
 
-    tokens: int = doc_field(8000, "tokens subsampled (stratified by position) per probe, train and test together", min=16)
+    tokens: int = doc_field(
+        16000, "tokens subsampled (stratified by position) per probe, train and test together; with 8,000 the "
+               "probe on all 640 features overfitted below the one on its best half", min=16)
     test_fraction: float = doc_field(0.2, "held-out share of validation sequences", above=0.0, below=1.0)
-    max_iter: int = doc_field(200, "logistic-regression iterations", min=1)
+    C: float = doc_field(0.1, "inverse L2 strength of the logistic-regression probes (grouped-CV optimum within "
+                              "noise: benchmarks/probe_regularisation.py)", above=0.0)
+    max_iter: int = doc_field(1000, "logistic-regression iteration limit (fits report whether they converged)", min=1)
     seed: int = doc_field(0, "subsampling and split seed", min=0, max=SEED_MAX)
     eval_sequences: int | None = doc_field(
         128, "whole validation sequences drawn for the reconstruction metrics, dead fraction and per-feature "

@@ -100,8 +100,8 @@ def _si(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 10 or float(x).is_integer() else f"{x:.2g}"
 
 
-def progress_iter(items: list, enabled: bool, desc: str):
-    """`items`, with one progress line over the runs when `enabled`."""
+def progress_iter(items, enabled: bool, desc: str, total: int | None = None):
+    """`items` (a list, or an iterator of `total` items), with one progress line over the runs when `enabled`."""
     if not enabled:
         return items
-    return bar(items, total=len(items), desc=desc, unit="runs")
+    return bar(items, total=len(items) if total is None else total, desc=desc, unit="runs")

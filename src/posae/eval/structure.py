@@ -50,6 +50,6 @@ def raw_position_probe(store: ActivationStore, cfg: Config) -> dict[str, float]:
     The same sample as notebook 04's probes (`posae.eval.probing.probe_sample`), so its acc_raw equals this.
     """
     sample = probe_sample(store, cfg.probe, cfg.sae.buckets)
-    acc = raw_accuracy(store, sample, cfg.probe.max_iter, cfg.probe.seed)
+    acc = raw_accuracy(store, sample, cfg.probe)
     return {"probe/acc_raw": acc, "probe/chance": 1.0 / cfg.sae.buckets,
             "probe/train_tokens": float(len(sample.train_rows)), "probe/test_tokens": float(len(sample.test_rows))}
