@@ -15,8 +15,8 @@ from posae import paths
 from posae.paper import PAPER_TABLE1
 from posae.paths import REPO_ROOT
 from posae.report import figures
-from posae.report.claims import (CANNOT, DIFFERS, HOLDS, VERDICTS, claims, combine, extremes_verdict, interval_verdict,
-                                 u_noise)
+from posae.report.claims import (CANNOT, DIFFERS, HOLDS, VERDICTS, above_null, claims, combine, confidence_interval,
+                                 extremes_verdict, interval_verdict)
 from posae.report.tables import RunTables, paper_ratio, table1, table1_markdown
 from posae.saes import REGISTRY
 
@@ -50,14 +50,15 @@ def test_table1_has_one_row_per_registered_variant_with_finite_mse(smoke_figures
 
 def test_table1_markdown_sets_the_paper_beside_ours(smoke_figures):
     header = (smoke_figures / "table1.md").read_text().splitlines()[0]
-    for column in ("MSE", "paper MSE", "MSE / baseline", "paper MSE / baseline", "paper U", "acc_raw"):
+    for column in ("MSE", "paper MSE", "MSE / baseline", "paper MSE / baseline", "paper U", "acc_raw", "U_x",
+                   "U, input kept", "CE score", "KL"):
         assert f"| {column} |" in header
 
 
 def test_every_claim_has_one_of_the_three_verdicts(smoke_figures):
     df = pd.read_csv(smoke_figures / "claims.csv")
     assert set(df["verdict"]) <= set(VERDICTS)
-    assert len(df) == 10 and df["reason"].str.len().min() > 10
+    assert len(df) == 11 and df["reason"].str.len().min() > 10 and df["test"].str.len().min() > 3
     assert df.loc[df["claim"].str.startswith("MSE between"), "verdict"].item() == CANNOT
     assert "**" in (smoke_figures / "claims.md").read_text()
 
@@ -74,17 +75,38 @@ def test_run_info_names_the_config_the_machine_and_the_stage_times(smoke_figures
 # --------------------------------------------------------------------------- verdict rules
 
 
-@pytest.mark.parametrize("mean, std, low, high, expected", [
-    (0.72, 0.01, 0.68, 0.78, HOLDS),  # inside
-    (0.60, 0.05, 0.68, 0.78, DIFFERS),  # 0.65 reaches no further than 0.65
-    (0.64, 0.04, 0.68, 0.78, HOLDS),  # the intervals touch at 0.68
-    (0.50, math.nan, 0.09, 0.15, DIFFERS),  # one run: std counts as 0
-    (0.12, math.nan, 0.09, 0.15, HOLDS),
-    (math.nan, 0.01, 0.09, 0.15, CANNOT),  # nothing measured
-    (-0.03, 0.005, -0.02, 0.02, DIFFERS),
+@pytest.mark.parametrize("mean, std, runs, low, high, expected", [
+    (0.72, 0.01, 6, 0.68, 0.78, HOLDS),  # inside
+    (0.60, 0.05, 6, 0.68, 0.78, DIFFERS),  # CI 0.60 ± 0.052 reaches 0.652
+    (0.64, 0.04, 6, 0.68, 0.78, HOLDS),  # CI 0.64 ± 0.042 reaches 0.682
+    (0.64, 0.04, 2, 0.68, 0.78, HOLDS),  # two runs: t(0.975, 1) = 12.7, a wide interval
+    (0.50, math.nan, 1, 0.09, 0.15, DIFFERS),  # one run: its point
+    (0.12, math.nan, 1, 0.09, 0.15, HOLDS),
+    (math.nan, 0.01, 6, 0.09, 0.15, CANNOT),  # nothing measured
+    (-0.03, 0.005, 6, -0.02, 0.02, DIFFERS),
 ])
-def test_interval_verdict(mean, std, low, high, expected):
-    assert interval_verdict(mean, std, low, high) == expected
+def test_interval_verdict(mean, std, runs, low, high, expected):
+    assert interval_verdict(mean, std, runs, low, high) == expected
+
+
+def test_confidence_interval_is_students_t_over_runs():
+    lo, hi = confidence_interval(1.0, 0.5, 6)
+    assert (hi - lo) / 2 == pytest.approx(2.5706 * 0.5 / math.sqrt(6), rel=1e-4)
+    assert confidence_interval(1.0, math.nan, 1) == (1.0, 1.0)
+
+
+def test_above_null_is_a_one_sided_t_test_corrected_for_the_variants():
+    rng = np.random.default_rng(0)
+    planted = 0.05 + rng.normal(0, 0.005, 6)  # a real excess, small but steady
+    t, p, significant = above_null(planted, tests=10)
+    assert t > 10 and significant
+    null = rng.normal(0, 0.01, 6)
+    assert not above_null(null - null.mean(), tests=10)[2]  # mean exactly 0
+    assert not above_null(-planted, tests=10)[2]  # below the null is not above it
+    assert above_null(np.array([0.1]), tests=1) == (pytest.approx(math.nan, nan_ok=True),) * 2 + (False,)
+    t, p, _ = above_null(np.array([0.02, 0.03, 0.025, 0.035]), tests=1)
+    assert p == pytest.approx(float(__import__("scipy").stats.ttest_1samp([0.02, 0.03, 0.025, 0.035], 0,
+                                                                          alternative="greater").pvalue))
 
 
 def test_combine_any_difference_wins_then_any_hold():
@@ -102,11 +124,6 @@ def test_extremes_verdict_reads_only_the_lowest_and_highest():
     assert extremes_verdict({"a": 0.3}, paper) == CANNOT
 
 
-def test_u_noise_is_two_standard_errors_of_a_difference_of_accuracies():
-    assert u_noise(2000, 1 / 8) == pytest.approx(2 * math.sqrt(0.5 / 2000) / (7 / 8))
-    assert u_noise(200, 1 / 8) > u_noise(2000, 1 / 8)
-
-
 def test_paper_ratios_are_those_of_spec_section_9():
     ratios = {v: round(paper_ratio(v)[0], 2) for v in PAPER_TABLE1}
     assert ratios == {"baseline": 1.0, "soft_masking": 1.06, "hierarchical": 1.06, "contrastive": 1.08,
@@ -119,18 +136,21 @@ def test_paper_ratios_are_those_of_spec_section_9():
 
 
 def make_tables(mse: dict[str, float], l1: float = 0.05, U: float = 0.0, share: float = 0.72,
-                gate: float | None = 0.5) -> RunTables:
-    """Two layers × two seeds per variant; MSE per variant (+1% on layer 1), everything else constant."""
-    rows, probes = [], []
+                gate: float | None = 0.5, U_x: float = 0.0) -> RunTables:
+    """Two layers × two seeds per variant; MSE per variant (+1% on layer 1), everything else constant but the
+    null, which varies by ±0.004 around 0 (so U_x's test has a spread)."""
+    rows, probes, fidelity = [], [], []
     for v, m in mse.items():
         for layer in (0, 1):
             for seed in (0, 1):
                 rows.append({"variant": v, "layer": layer, "seed": seed, "grouping": "learned",
                              "val/mse": m * (1.01 if layer else 1.0) + 0.001 * seed, "sparsity/mean_activation": l1,
                              "sparsity/l0": 10.0, "val/explained_variance": 1 - m, "sparsity/dead_fraction": 0.0})
+                null = 0.004 * (1 if (layer + seed) % 2 else -1) + 0.001 * layer
                 probes.append({"variant": v, "layer": layer, "seed": seed, "grouping": "learned", "acc_global": 0.5,
-                               "acc_position": 0.5, "acc_all": 0.5, "acc_raw": 0.6, "U": U, "chance": 0.125,
-                               "train_tokens": 6400, "test_tokens": 1600})
+                               "acc_position": 0.5, "acc_all": 0.5, "acc_raw": 0.6, "U": U, "U_x": U_x, "D_x": U_x,
+                               "D_x_null": null, "chance": 0.125, "train_tokens": 6400, "test_tokens": 1600})
+                fidelity.append({"variant": v, "layer": layer, "seed": seed, "ce_score": 0.9, "kl_spliced": 0.1})
     summary = [{"ablation": "global_magnitude_share", "variant": "hierarchical", "mean": share, "std": 0.01,
                 "runs": 4, "start": math.nan},
                {"ablation": "position_weighting", "variant": "position_weighted", "mean": 0.01, "std": 0.005,
@@ -139,7 +159,8 @@ def make_tables(mse: dict[str, float], l1: float = 0.05, U: float = 0.0, share: 
         summary.append({"ablation": "gate_activation", "variant": "hierarchical", "mean": gate, "std": 0.001,
                         "runs": 4, "start": 0.5})
     empty = pd.DataFrame()
-    return RunTables(pd.DataFrame(rows), empty, pd.DataFrame(probes), pd.DataFrame(summary), empty, empty, empty)
+    return RunTables(pd.DataFrame(rows), empty, pd.DataFrame(probes), pd.DataFrame(summary), empty, empty, empty,
+                     pd.DataFrame(fidelity))
 
 
 def test_table1_pairs_the_ratio_by_layer_and_seed_and_lists_every_variant():
@@ -173,7 +194,19 @@ def test_claims_on_hand_made_numbers():
     assert "position_masking" in ratio_reason.split(";")[0] and "not measured" in ratio_reason
 
 
-def test_a_position_score_beyond_the_probe_noise_differs():
-    tables = make_tables({"baseline": 0.2, "hierarchical": 0.21}, U=0.2)
-    df = claims(tables)
-    assert df.loc[df["claim"].str.startswith("unlearning"), "verdict"].item() == DIFFERS
+def test_U_zero_is_judged_on_U_x_against_its_null_not_on_the_kept_input_U():
+    # A large U with the position input kept but U_x at the null: the echo an SAE's own input gives. It holds.
+    echo = claims(make_tables({"baseline": 0.2, "hierarchical": 0.21}, U=0.6, U_x=0.0))
+    row = echo.loc[echo["claim"].str.startswith("unlearning")].iloc[0]
+    assert row["verdict"] == HOLDS and "input kept" in row["reason"] and "t-test" in row["test"]
+    # A small but steady U_x above its null differs, though it is far below the kept-input U of the echo.
+    steady = claims(make_tables({"baseline": 0.2, "hierarchical": 0.21}, U=0.05, U_x=0.03))
+    assert steady.loc[steady["claim"].str.startswith("unlearning"), "verdict"].item() == DIFFERS
+
+
+def test_table1_by_layer_has_standard_errors_over_seeds():
+    table = table1(make_tables({"baseline": 0.20, "hierarchical": 0.22}), by_layer=True)
+    row = table[(table["variant"] == "hierarchical") & (table["layer"] == 1)].iloc[0]
+    assert row["runs"] == 2 and row["mse_mean"] == pytest.approx(0.22 * 1.01 + 0.0005)
+    assert row["mse_se"] == pytest.approx(row["mse_std"] / math.sqrt(2))
+    assert row["ce_score_mean"] == pytest.approx(0.9)

@@ -77,6 +77,8 @@ def test_identity_sae_reconstructs_exactly_with_hand_computable_sparsity(runs_ro
     # The arbitrary halves of an undivided dictionary are ReLU(x) and ReLU(−x).
     assert m["global/magnitude_share"] == pytest.approx(np.maximum(x, 0).sum() / np.abs(x).sum(), rel=1e-5)
     assert m["global/mse_without"] == pytest.approx((np.maximum(x, 0) ** 2).mean(), rel=1e-5)
+    assert m["global/coverage"] == pytest.approx((x > 0).any(1).mean())  # tokens with any positive coordinate
+    assert m["position/coverage"] == pytest.approx((x < 0).any(1).mean())
     assert not s.learned_groups
 
 

@@ -48,7 +48,7 @@ from posae.paths import lock_path, locked, run_dir, write_csv_atomic
 from posae.progress import progress_iter
 from posae.saes import SAE, as_variant_list
 
-METRICS_VERSION = 1  # bump when a definition changes: cached rows with an older key are recomputed
+METRICS_VERSION = 2  # bump when a definition changes: cached rows with an older key are recomputed
 METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV = "val_metrics.csv", "mse_by_position.csv", "feature_stats.csv"
 RUN_KEYS = ["variant", "layer", "seed"]
 
@@ -80,6 +80,7 @@ class Sums:
     fired_K: np.ndarray = field(init=False)  # tokens on which each feature is > 0
     act_sum_TK: np.ndarray = field(init=False)  # Σf per position and feature
     sq_err_without: dict[str, float] = field(init=False)  # Σ‖x − x̂‖² with one group's features zeroed
+    covered: dict[str, float] = field(init=False)  # tokens on which any feature of the group is > 0
 
     def __post_init__(self) -> None:
         T, K, D = self.seq_len, self.n_features, self.d_model
@@ -88,6 +89,7 @@ class Sums:
         self.act_sum_K, self.act_sq_K, self.fired_K = np.zeros(K), np.zeros(K), np.zeros(K)
         self.act_sum_TK = np.zeros((T, K))
         self.sq_err_without = {g: 0.0 for g in self.groups}
+        self.covered = {g: 0.0 for g in self.groups}
 
 
 def eval_rows(store: ActivationStore, n_sequences: int | None, seed: int) -> np.ndarray:
@@ -138,6 +140,7 @@ def accumulate(sae: SAE, store: ActivationStore, rows_N: np.ndarray, chunk: int 
         for name, r in groups.items():
             back_BD = f_BK[:, r.start:r.stop] @ W_dec_KD[r.start:r.stop]
             s.sq_err_without[name] += float((r_BD + back_BD).square().sum())
+            s.covered[name] += float((f_BK[:, r.start:r.stop] > 0).any(1).sum())
     if s.n == 0:
         raise ValueError(f"{store.path}: no rows to evaluate. Fix: pass a non-empty row selection")
     return s
@@ -166,7 +169,8 @@ def sparsity_metrics(s: Sums) -> dict[str, float]:
 
 
 def group_metrics(s: Sums) -> dict[str, float]:
-    """Per feature group: L0, L1, dead fraction, share of activation magnitude, MSE without the group."""
+    """Per feature group: L0, L1, dead fraction, share of activation magnitude, MSE without the group, and
+    coverage, the share of tokens on which any of its features is active (position_masking: a third have none)."""
     out: dict[str, float] = {}
     mass = float(s.act_sum_K.sum())
     for name, r in s.groups.items():
@@ -176,6 +180,7 @@ def group_metrics(s: Sums) -> dict[str, float]:
         out[f"{name}/dead_fraction"] = float((s.fired_K[sl] == 0).mean()) if len(r) else float("nan")
         out[f"{name}/magnitude_share"] = float(s.act_sum_K[sl].sum()) / mass if mass > 0 else float("nan")
         out[f"{name}/mse_without"] = s.sq_err_without[name] / (s.n * s.d_model)
+        out[f"{name}/coverage"] = s.covered[name] / s.n
     return out
 
 

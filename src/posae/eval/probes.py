@@ -66,7 +66,7 @@ from posae.data import models
 from posae.data.store import ActivationStore, open_layer_stores
 from posae.eval.metrics import check_normalisation
 from posae.eval.probing import ProbeFit, cluster_se, fit_probe, probe_sample, raw_accuracy, sample_rows
-from posae.paths import lock_path, locked, run_dir, write_csv_atomic
+from posae.paths import lock_path, locked, run_dir, sae_dir, write_csv_atomic
 from posae.progress import progress_iter
 from posae.saes import SAE, as_variant_list
 from posae.saes.buckets import position_bucket
@@ -210,24 +210,41 @@ def score_sae(sae: SAE, tokens: ProbeTokens, buckets: int, probe_cfg: ProbeConfi
 
 
 def position_input_comparison(sae: SAE, tokens: ProbeTokens, buckets: int, probe_cfg: ProbeConfig) -> dict[str, float]:
-    """acc_P with the SAE's position input as used, set to one constant (the middle position), and shuffled
-    across tokens, the last scored against the true bucket and against the bucket it was fed."""
+    """acc_P with one constant position (the middle one) fed to every token, and with shuffled positions
+    scored against the bucket each token was *fed* (`score_sae` has it against the true bucket)."""
     t, pc = tokens, probe_cfg
     p = sae.probe_groups()["position"]
     middle = int(np.median(t.pos_train_N))
     fed_tr, fed_te = shuffled_positions(t.pos_train_N, pc.seed), shuffled_positions(t.pos_test_N, pc.seed + 1)
-    seq_len = sae.seq_len
 
     def acc(pos_tr: np.ndarray, pos_te: np.ndarray, y_tr: np.ndarray = t.y_train_N, y_te: np.ndarray = t.y_test_N) -> float:
         tr = _cols(encode_array(sae, t.x_train_ND, pos_tr), p)
         te = _cols(encode_array(sae, t.x_test_ND, pos_te), p)
         return fit_probe(tr, y_tr, te, y_te, pc.C, pc.max_iter, pc.seed).accuracy
 
-    return {"true": acc(t.pos_train_N, t.pos_test_N),
-            "constant": acc(np.full_like(t.pos_train_N, middle), np.full_like(t.pos_test_N, middle)),
-            "shuffled, vs true bucket": acc(fed_tr, fed_te),
-            "shuffled, vs fed bucket": acc(fed_tr, fed_te, position_bucket(fed_tr, seq_len, buckets),
-                                           position_bucket(fed_te, seq_len, buckets))}
+    return {"constant": acc(np.full_like(t.pos_train_N, middle), np.full_like(t.pos_test_N, middle)),
+            "shuffled, vs fed bucket": acc(fed_tr, fed_te, position_bucket(fed_tr, sae.seq_len, buckets),
+                                           position_bucket(fed_te, sae.seq_len, buckets))}
+
+
+def input_comparison(cfg: Config, probes: pd.DataFrame, layer: int, seed: int = 0) -> pd.DataFrame:
+    """The position group's accuracy under each position input, for the runs of `probes` (probes.csv rows) at
+    `layer` and `seed` with learned groups that use their position input: true (acc_P), one constant, shuffled
+    against the true bucket (acc_P_x) and against the fed one; beside acc_G. One row per variant."""
+    device = models.resolve_device(cfg.model.device)
+    store = open_layer_stores(cfg, "val")[layer]
+    tokens = probe_tokens(store, cfg.probe, cfg.sae.buckets)
+    picked = probes[(probes["layer"] == layer) & (probes["seed"] == seed) & (probes["grouping"] == "learned")
+                    & (probes["position_input"] == "used")]
+    rows = []
+    for r in picked.itertuples():
+        folder = sae_dir(cfg.name, r.variant, layer, seed)
+        check_normalisation(folder, store)
+        more = position_input_comparison(checkpoint.load_sae(folder, device), tokens, cfg.sae.buckets, cfg.probe)
+        rows.append({"variant": r.variant, "acc_G": r.acc_global, "acc_P, true": r.acc_position,
+                     "acc_P, constant": more["constant"], "acc_P, shuffled, vs true bucket": r.acc_position_x,
+                     "acc_P, shuffled, vs fed bucket": more["shuffled, vs fed bucket"]})
+    return pd.DataFrame(rows).set_index("variant") if rows else pd.DataFrame()
 
 
 def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress: bool = True,

@@ -1,18 +1,21 @@
 """The verdicts on the paper's claims (claims.csv), computed from the numbers, never written by hand.
 
 The paper's side of each claim is `posae.paper`; ours is Table 1 (`posae.report.tables.table1`) and
-the ablations of notebook 05.
+the ablations of notebook 05. Each row names the test that decided it (`test`):
 
-Verdicts (claims.csv), computed by `claims` from the numbers, never written by hand:
-
-- **holds**: our mean ± std interval (over seeds and layers; a single run counts as std 0) overlaps the
-  paper's interval: its mean ± std; for a bound ("L1 < 0.1") the half-line, cut at 0 for a
-  non-negative quantity; for a point value with no spread (U = 0.0) the point widened by our
-  measurement's noise (`u_noise`). A claim over several variants holds when it holds for each
-  variant that can be compared.
-- **differs**: the intervals do not overlap (for a claim over several variants: for at least one).
-- **cannot be compared**: the paper's quantity has no stated scale (its MSE values: docs/decisions.md §9 compares
-  their ratios and ordering instead), or we have no measurement (the variant was not trained).
+- **An interval or a bound** (MSE ratios, sparsity, the ablations): the 95% confidence interval of our
+  mean over runs (mean ± t·std/√runs, Student's t with runs − 1 degrees of freedom; a single run is
+  its point) is compared with the paper's interval (its mean ± std; for a bound the half-line, cut at
+  0 for a non-negative quantity). **holds** when they overlap, **differs** when they do not (a claim over
+  several variants: holds when it holds for each variant that can be compared). The runs pool layers,
+  whose differences widen the interval: per-layer numbers are in table1_by_layer.md.
+- **"U = 0"**: judged on U_x (`posae.eval.probes`), not on U with the SAE's position input kept, which an
+  SAE echoing its input passes. Per run, D_x (the unclipped score) minus the same score with the
+  position labels permuted within each sequence (the null); per variant, a one-sided t-test over its
+  runs that this difference is > 0, at 5% with a Bonferroni correction for the number of variants
+  tested. **differs** when some variant is significantly above its null, **holds** when none is.
+- **cannot be compared**: the paper's quantity has no stated scale (its MSE values: docs/decisions.md
+  §9 compares their ratios and ordering instead), or we have no measurement (the variant was not trained).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from posae.paper import ABLATION_CLAIMS, CLAIM_TEXT, L1_TARGET, MSE_RANGE, PAPER_ABLATIONS, PAPER_TABLE1, U_REPORTED
 from posae.report.tables import BASELINE, RunTables, fmt, markdown_table, paper_ratio, table1
@@ -34,13 +38,24 @@ _NA = math.nan
 # --------------------------------------------------------------------------- verdicts (pure)
 
 
-def interval_verdict(mean: float, std: float, low: float, high: float) -> str:
-    """holds when [mean − std, mean + std] overlaps [low, high]; differs when not; cannot be compared
-    without a measurement. A NaN std (a single run) counts as 0."""
+def confidence_interval(mean: float, std: float, runs: int, level: float = 0.95) -> tuple[float, float]:
+    """mean ± t·std/√runs (Student's t, runs − 1 degrees of freedom); a single run (or no std) is its point."""
+    if not np.isfinite(std) or runs < 2:
+        return mean, mean
+    half = float(stats.t.ppf(0.5 + level / 2, runs - 1)) * std / math.sqrt(runs)
+    return mean - half, mean + half
+
+
+def interval_verdict(mean: float, std: float, runs: int, low: float, high: float) -> str:
+    """holds when the 95% confidence interval of the mean over `runs` overlaps [low, high]; differs when
+    not; cannot be compared without a measurement."""
     if not np.isfinite(mean):
         return CANNOT
-    std = std if np.isfinite(std) else 0.0
-    return HOLDS if mean - std <= high and mean + std >= low else DIFFERS
+    lo, hi = confidence_interval(mean, std, runs)
+    return HOLDS if lo <= high and hi >= low else DIFFERS
+
+
+CI_TEST = "95% CI of our mean over runs (t) overlaps the paper's interval"
 
 
 def combine(verdicts: Iterable[str]) -> str:
@@ -60,13 +75,19 @@ def extremes_verdict(ours: dict[str, float], paper: dict[str, float]) -> str:
     return HOLDS if same_min and same_max else DIFFERS
 
 
-def u_noise(test_tokens: int, chance: float) -> float:
-    """Two standard errors of U for true accuracies equal, on `test_tokens` held-out tokens.
+def above_null(differences: np.ndarray, tests: int, alpha: float = 0.05) -> tuple[float, float, bool]:
+    """One-sided t-test over runs that the mean of `differences` (score − its null, per run) is > 0.
 
-    Each accuracy's variance is at most 0.25/n; their difference (taken as independent, which
-    overstates it for probes scored on the same tokens) at most 0.5/n; U divides it by 1 − chance.
+    Returns (t, p, significant at `alpha` with a Bonferroni correction for `tests` variants). Fewer
+    than two runs, or no spread, cannot be tested: (nan, nan, False).
     """
-    return 2.0 * math.sqrt(0.5 / max(test_tokens, 1)) / (1.0 - chance)
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return _NA, _NA, False
+    t = float(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))))
+    p = float(stats.t.sf(t, len(d) - 1))
+    return t, p, p < alpha / max(tests, 1)
 
 
 # --------------------------------------------------------------------------- claims
@@ -79,6 +100,7 @@ class Claim(NamedTuple):
     ours: str
     verdict: str
     reason: str
+    test: str = ""
     ours_mean: float = _NA
     ours_std: float = _NA
     paper_low: float = _NA
@@ -93,7 +115,8 @@ def _per_variant(table: pd.DataFrame, stat: str, bounds: dict[str, tuple[float, 
     for v, (low, high) in bounds.items():
         mean = float(rows.at[v, f"{stat}_mean"]) if v in rows.index else _NA
         std = float(rows.at[v, f"{stat}_std"]) if v in rows.index else _NA
-        out.append((v, fmt(mean, std, digits, percent), interval_verdict(mean, std, low, high)))
+        runs = int(rows.at[v, "runs"]) if v in rows.index else 0
+        out.append((v, fmt(mean, std, digits, percent), interval_verdict(mean, std, runs, low, high)))
     return combine(w for _, _, w in out), out
 
 
@@ -130,7 +153,7 @@ def _mse_claims(table: pd.DataFrame) -> list[Claim]:
         *CLAIM_TEXT["mse_ratio"],
         ", ".join(f"{v} {r:.2f}" for v, (r, _) in ratios.items()),
         ", ".join(f"{v} {o}" for v, o, _ in parts), verdict,
-        _explain(parts, paper_text) + " (ours: paired by layer and seed)")
+        _explain(parts, paper_text) + " (ours: paired by layer and seed)", test=CI_TEST)
 
     ours_mse = dict(zip(table["variant"], table["mse_mean"]))
     verdict = extremes_verdict(ours_mse, paper_mse)
@@ -141,7 +164,8 @@ def _mse_claims(table: pd.DataFrame) -> list[Claim]:
     order_claim = Claim(
         claim.format(lowest=lowest, highest=highest), source,
         " < ".join(sorted(paper_mse, key=paper_mse.get)), order or "—", verdict,
-        f"ours, by mean MSE: {order}" if common else "no variant of the paper's tables was measured")
+        f"ours, by mean MSE: {order}" if common else "no variant of the paper's tables was measured",
+        test="the paper's lowest and highest variant are ours too (means)")
     return [range_claim, ratio_claim, order_claim]
 
 
@@ -153,28 +177,69 @@ def _sparsity_claims(table: pd.DataFrame) -> list[Claim]:
         *CLAIM_TEXT["sparsity_target"], f"< {L1_TARGET}",
         f"{measured['l1_mean'].min():.3f}–{measured['l1_mean'].max():.3f} (variant means)" if len(measured) else "—",
         verdict, _explain(parts) + " (L1 = ‖f‖₁/k, per-feature mean activation on the normalised scale)",
-        paper_low=0.0, paper_high=L1_TARGET)
+        test=CI_TEST.replace("interval", "bound"), paper_low=0.0, paper_high=L1_TARGET)
     stated = {v: p for v, p in PAPER_TABLE1.items() if np.isfinite(p.l1)}
     verdict, parts = _per_variant(table, "l1", {v: (p.l1 - p.l1_std, p.l1 + p.l1_std) for v, p in stated.items()}, 3)
     paper_text = {v: fmt(p.l1, p.l1_std, 2) for v, p in stated.items()}
     claim, source = CLAIM_TEXT["sparsity_values"]
     values = Claim(claim.format(values=", ".join(f"{paper_text[v]} ({v})" for v in stated)), source,
                    ", ".join(f"{v} {t}" for v, t in paper_text.items()), ", ".join(f"{v} {o}" for v, o, _ in parts),
-                   verdict, _explain(parts, paper_text))
+                   verdict, _explain(parts, paper_text), test=CI_TEST)
     return [threshold, values]
 
 
+def u_tests(probes: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: U_x and U (input kept) mean ± se over runs, D_x − null, and the one-sided test against the null.
+
+    Columns: variant, runs, U_x_mean, U_x_se, U_mean, U_se, excess_mean, excess_se, t, p, significant
+    (Bonferroni over the variants in `probes`).
+    """
+    if probes.empty:
+        return pd.DataFrame(columns=["variant", "runs", "U_x_mean", "U_x_se", "U_mean", "U_se", "excess_mean",
+                                     "excess_se", "t", "p", "significant"])
+    tests = probes["variant"].nunique()
+    rows = []
+    for v, g in probes.groupby("variant", sort=False):
+        excess = (g["D_x"] - g["D_x_null"]).to_numpy()
+        t, p, significant = above_null(excess, tests)
+        se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else _NA  # noqa: E731
+        rows.append({"variant": v, "runs": len(g), "U_x_mean": g["U_x"].mean(), "U_x_se": se(g["U_x"]),
+                     "U_mean": g["U"].mean(), "U_se": se(g["U"]), "excess_mean": float(excess.mean()),
+                     "excess_se": se(excess), "t": t, "p": p, "significant": significant})
+    return pd.DataFrame(rows)
+
+
 def _u_claim(table: pd.DataFrame, probes: pd.DataFrame) -> Claim:
-    measured = table[table["runs"] > 0]
-    n_test = int(probes["test_tokens"].min()) if len(probes) else 0
-    noise = u_noise(n_test, float(probes["chance"].iloc[0])) if len(probes) else _NA
-    verdict, parts = _per_variant(table, "U", {v: (U_REPORTED, U_REPORTED + noise) for v in measured["variant"]}, 2)
+    measured = set(table.loc[table["runs"] > 0, "variant"])
+    tests = u_tests(probes[probes["variant"].isin(measured)]) if len(probes) else u_tests(probes)
+    test = ("one-sided t-test over runs of U_x's unclipped score minus its null (position labels permuted within "
+            f"sequences), 5% with Bonferroni over {len(tests)} variants")
+    if tests.empty:
+        return Claim(*CLAIM_TEXT["U"], f"{U_REPORTED:.1f}", "—", CANNOT, "no run was probed", test=test)
+    above = tests[tests["significant"]]
+    verdict = DIFFERS if len(above) else HOLDS
+    fmt_u = lambda r: f"{r.variant} {fmt(r.U_x_mean, r.U_x_se, 3)} (p = {r.p:.2g})"  # noqa: E731
+    kept = tests[tests["U_mean"] > tests["U_x_mean"] + 0.05]
+    reason = (("above the null: " + "; ".join(fmt_u(r) for r in above.itertuples())) if len(above)
+              else f"no variant above its null (smallest p = {tests['p'].min():.2g}, threshold {0.05 / len(tests):.2g})")
+    if len(kept):
+        reason += ("; with the SAE's own position fed (U, input kept): " +
+                   ", ".join(f"{r.variant} {fmt(r.U_mean, r.U_se, 2)}" for r in kept.itertuples()) +
+                   ", read from the position input rather than from the activation")
     return Claim(
         *CLAIM_TEXT["U"], f"{U_REPORTED:.1f}",
-        f"{measured['U_mean'].min():.2f}–{measured['U_mean'].max():.2f} (variant means)" if len(probes) else "—",
-        verdict, _explain(parts) + f" (0 is widened to [0, {noise:.2f}], two standard errors of U on "
-                                   f"{n_test} held-out tokens)",
-        paper_low=U_REPORTED, paper_high=U_REPORTED + noise)
+        f"U_x {tests['U_x_mean'].min():.3f}–{tests['U_x_mean'].max():.3f} (variant means; U, input kept: "
+        f"{tests['U_mean'].min():.2f}–{tests['U_mean'].max():.2f})",
+        verdict, reason + " (mean ± se over runs)", test=test, paper_low=U_REPORTED, paper_high=U_REPORTED)
+
+
+def _fidelity_claim(table: pd.DataFrame) -> Claim:
+    measured = table[(table["runs"] > 0) & table["ce_score_mean"].notna()]
+    ours = (f"CE score {measured['ce_score_mean'].min():.3f}–{measured['ce_score_mean'].max():.3f}, KL "
+            f"{measured['kl_mean'].min():.3f}–{measured['kl_mean'].max():.3f} (variant means)") if len(measured) else "—"
+    return Claim("reconstructions preserve the model's next-token prediction", "not reported by the paper", "—", ours,
+                 CANNOT, "the paper reports no downstream metric; ours is in Table 1 for reading",
+                 test="none: nothing to compare with")
 
 
 def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str) -> Claim:
@@ -184,7 +249,8 @@ def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str)
     found = variant in rows.index
     mean = float(rows.at[variant, "mean"]) if found else _NA
     std = float(rows.at[variant, "std"]) if found else _NA
-    verdict = interval_verdict(mean, std, low, high)
+    runs = int(rows.at[variant, "runs"]) if found else 0
+    verdict = interval_verdict(mean, std, runs, low, high)
     signed = low < 0  # a change either way, as "±2%": show its sign
     ours = fmt(mean, std, 1 if paper.percent else 3, paper.percent, signed)
     if not found:
@@ -192,15 +258,16 @@ def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str)
     else:
         paper_band = f"[{fmt(low, digits=1 if paper.percent else 2, percent=paper.percent)}, " \
                      f"{fmt(high, digits=1 if paper.percent else 2, percent=paper.percent)}]"
-        reason = f"{variant} ({int(rows.at[variant, 'runs'])} runs) {ours} " \
+        ci = confidence_interval(mean, std, runs)
+        spec = dict(digits=1 if paper.percent else 3, percent=paper.percent)
+        reason = f"{variant} ({runs} runs) {ours}, 95% CI [{fmt(ci[0], **spec)}, {fmt(ci[1], **spec)}], " \
                  f"{'overlaps' if verdict == HOLDS else 'lies outside'} the paper's {paper_band}"
         if np.isfinite(rows.at[variant, "start"]):
             reason += f"; it starts at {rows.at[variant, 'start']:.3f}"
         others = rows.drop(index=variant)["mean"].dropna()
         if len(others):
-            spec = dict(digits=1 if paper.percent else 3, percent=paper.percent)
             reason += f"; other variants {fmt(others.min(), **spec)}–{fmt(others.max(), **spec)}"
-    return Claim(text, f"§6.3, on {paper.scope}", paper.text, f"{variant} {ours}", verdict, reason,
+    return Claim(text, f"§6.3, on {paper.scope}", paper.text, f"{variant} {ours}", verdict, reason, CI_TEST,
                  mean, std, low, high)
 
 
@@ -209,13 +276,17 @@ def claims(tables: RunTables, table: pd.DataFrame | None = None) -> pd.DataFrame
     table = table1(tables) if table is None else table
     rows = [*_mse_claims(table), *_sparsity_claims(table), _u_claim(table, tables.probes)]
     rows += [_ablation_claim(tables.ablations, name, text, variant) for name, (text, variant) in ABLATION_CLAIMS.items()]
+    rows.append(_fidelity_claim(table))
     return pd.DataFrame(rows, columns=Claim._fields)
 
 
 def claims_markdown(df: pd.DataFrame) -> str:
-    show = df[["claim", "source", "paper", "ours", "verdict", "reason"]].assign(verdict=df["verdict"].map("**{}**".format))
+    show = df[["claim", "source", "paper", "ours", "verdict", "reason", "test"]].assign(
+        verdict=df["verdict"].map("**{}**".format))
     return markdown_table(show) + (
-        "\nVerdicts are computed from the numbers (`posae.report.claims`): **holds** when our mean ± std (over seeds and "
-        "layers) overlaps the paper's interval (its mean ± std, the bound, or 0 widened by the probe's noise), for "
-        "every variant the claim covers; **differs** when it does not for at least one; **cannot be compared** "
-        "where the paper's scale is unstated or we have no measurement.\n")
+        "\nVerdicts are computed from the numbers (`posae.report.claims`), each by the test its row names: an interval "
+        "claim **holds** when the 95% confidence interval of our mean over runs overlaps the paper's interval (its "
+        "mean ± std, or the bound), for every variant the claim covers, and **differs** when it does not for at least "
+        "one; \"U = 0\" **differs** when some variant's U_x is above its null (one-sided t-test over runs, Bonferroni "
+        "over the variants) and **holds** when none is; **cannot be compared** where the paper's scale is unstated, "
+        "it reports nothing, or we have no measurement.\n")

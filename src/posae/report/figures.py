@@ -4,13 +4,14 @@ Everything is written under `figures_dir(config)`, ``figures/<config>/`` at the 
 (``$POSAE_FIGURES/<config>`` when that is set, as the tests do):
 
     fig1a_training_curves.{png,pdf}      training loss against step, per variant, mean and band over seeds, per layer
-    fig1b_unlearning_score.{png,pdf}     unlearning score per variant and layer (paper: 0.0 everywhere)
-    probe_accuracies.{png,pdf}           the probe accuracies behind U
+    fig1b_unlearning_score.{png,pdf}     U (position input kept) beside U_x (neutralised), per run (paper: 0.0)
+    probe_accuracies.{png,pdf}           the probe accuracies behind U and U_x
     mse_ratio.{png,pdf}                  validation MSE relative to the baseline, ours beside the paper's
     mse_by_position.{png,pdf}            validation MSE at each position, per variant
     ablation_<name>.{png,pdf}            the ablations of §6.3 (`posae.paper.PAPER_ABLATIONS`), the paper's value marked
     position_structure.{png,pdf}         raw activations (notebook 02): norm by position, raw probe accuracy
     table1.{csv,md}                      Table 1: per variant, our statistics beside the paper's numbers
+    table1_by_layer.{csv,md}             the same statistics per variant and layer, mean ± se over seeds
     claims.{csv,md}                      each claim of the paper, our value, the paper's, and a verdict
     run_info.json                        config, machine, stage timings and wall time of the run
 
@@ -35,9 +36,10 @@ from posae.paper import PAPER_ABLATIONS
 from posae.paths import REPO_ROOT, run_dir, write_csv_atomic, write_json_atomic, write_text_atomic
 from posae.report import plots
 from posae.report.claims import claims, claims_markdown
-from posae.report.tables import RunTables, table1, table1_markdown
+from posae.report.tables import RunTables, table1, table1_by_layer_markdown, table1_markdown
 
-TABLES = ("table1.csv", "table1.md", "claims.csv", "claims.md", "run_info.json")
+TABLES = ("table1.csv", "table1.md", "table1_by_layer.csv", "table1_by_layer.md", "claims.csv", "claims.md",
+          "run_info.json")
 
 
 # Captions: what notebook 06 shows above each figure (Markdown).
@@ -55,16 +57,21 @@ CAPTION_FIG1B = """\
 ## Figure 1b · Unlearning score
 
 The paper: *"Unlearning scores remained at 0.0 across all configurations"* (Table 1, §6.4), for a
-score it defines only in words. Ours (docs/decisions.md §7): U = clip((acc_P − acc_G)/(1 − chance), 0, 1) from
-held-out position-bucket probes on the position and the global feature groups. Bars are the mean
-over seeds, whiskers their range, one colour per layer. position_masking is the positive control
-(its position features can only fire in the probe's own bucket), so it should score well above 0;
-† marks variants without learned groups, scored on an arbitrary half split."""
+score it defines only in words. Left, the paper's measurement as we read it: U = clip((acc_P −
+acc_G)/(1 − chance), 0, 1) from held-out position-bucket probes on the position and the global
+feature groups, each token's own position fed to the SAE. Right, U_x: the same probes with the
+SAE's position input neutralised (positions shuffled across tokens), which credits only position
+information the activation carries; an SAE that echoes its position input scores U ≈ 1 and U_x ≈ 0
+(docs/decisions.md §7; the planted controls of notebook 00). Dots are runs, one colour per layer;
+black bars the mean; grey crosses U_x's null (labels permuted within sequences). "U = 0" is judged on
+U_x against its null (claims.md). † marks variants without learned groups, scored on an arbitrary
+half split."""
 
 CAPTION_PROBES = """\
-The accuracies behind U, per feature set and layer (dashed: chance). U is near 0 whenever the
-global group predicts position about as well as the position group, whatever the level; the raw
-activations give the ceiling."""
+The accuracies behind U and U_x, per feature set and layer (dashed: chance), mean and range over
+seeds. U is near 0 whenever the global group predicts position about as well as the position group,
+whatever the level; "input shuffled" is the position group fed shuffled positions (U_x's); the raw
+activations give what a linear probe can read from the model."""
 
 CAPTION_MSE_RATIO = """\
 ## MSE relative to the baseline
@@ -194,9 +201,13 @@ def draw(stem: str, tables: RunTables, out: Path) -> plt.Figure:
 
 
 def write_table1(tables: RunTables, out: Path) -> pd.DataFrame:
+    """table1.{csv,md} (pooled over layers) and table1_by_layer.{csv,md}; returns the pooled table."""
     table = table1(tables)
     write_csv_atomic(table, Path(out) / "table1.csv")
     write_text_atomic(Path(out) / "table1.md", table1_markdown(table))
+    by_layer = table1(tables, by_layer=True)
+    write_csv_atomic(by_layer, Path(out) / "table1_by_layer.csv")
+    write_text_atomic(Path(out) / "table1_by_layer.md", table1_by_layer_markdown(by_layer))
     return table
 
 

@@ -62,8 +62,15 @@ def training_curves(df: pd.DataFrame, metric: str = "losses/total") -> sns.Facet
 
 # --------------------------------------------------------------------------- evaluation (04) and ablations (05)
 
-ACCURACY_LABELS = {"acc_global": "global group", "acc_position": "position group", "acc_all": "all features",
+ACCURACY_LABELS = {"acc_global": "global group", "acc_position": "position group",
+                   "acc_position_x": "position group, input shuffled", "acc_all": "all features",
                    "acc_raw": "raw activations"}
+
+
+def layer_palette(layers) -> dict:
+    """One colour per layer, the same in every figure (a sequential palette in layer order)."""
+    layers = sorted({int(x) for x in layers})
+    return dict(zip(layers, sns.color_palette("crest", len(layers))))
 
 
 def _variant_labels(df: pd.DataFrame) -> pd.Series:
@@ -93,13 +100,35 @@ def probe_accuracies(probes: pd.DataFrame) -> sns.FacetGrid:
 
 
 def unlearning_scores(probes: pd.DataFrame) -> plt.Figure:
-    """U per variant (bars: mean over seeds, whiskers: their range), one colour per layer; † = arbitrary halves."""
+    """U with the SAE's position input kept beside U_x (input neutralised): one dot per run, coloured by layer,
+    a black bar at the mean over runs; grey crosses are U_x's null (the same probes with the labels permuted
+    within sequences, unclipped). † = arbitrary halves."""
     df = probes.assign(variant=_variant_labels(probes))
-    fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 3.4))
-    sns.barplot(data=df, y="variant", x="U", hue="layer", errorbar=("pi", 100), ax=ax, palette="crest")
-    ax.set(xlim=(0, 1), xlabel="unlearning score U = clip((acc_P − acc_G)/(1 − 1/buckets), 0, 1)", ylabel="",
-           title="Unlearning score (paper: 0.0 for every variant)")
-    ax.legend(title="layer", loc="lower right")
+    order = list(dict.fromkeys(df["variant"]))
+    palette = layer_palette(df["layer"])
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 0.32 * len(order) + 1.6), sharey=True)
+    panels = (("U", "U, SAE position input kept", None), ("U_x", "U_x, position input neutralised", "D_x_null"))
+    for ax, (column, title, null) in zip(axes, panels):
+        sns.stripplot(data=df, y="variant", x=column, hue="layer", palette=palette, order=order, dodge=False,
+                      jitter=0.15, size=4, ax=ax, legend=ax is axes[0])
+        means = df.groupby("variant", sort=False)[column].mean().reindex(order)
+        ax.scatter(means.to_numpy(), range(len(order)), marker="|", s=300, color="black", zorder=3,
+                   label="mean over runs")
+        if null is not None:
+            ax.scatter(df[null], df["variant"].map({v: i for i, v in enumerate(order)}) + 0.3, marker="x", s=12,
+                       color="grey", lw=0.8, label="null (unclipped)")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(xlim=(-0.1, 1.0), xlabel=column, ylabel="", title=title)
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    labels = [f"layer {x}" if x.isdigit() else x for x in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 

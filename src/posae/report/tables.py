@@ -2,7 +2,7 @@
 the paper's (`table1`, `TABLE1`: a statistic is declared once there).
 
 Inputs: val_metrics.csv, mse_by_position.csv (`posae.eval.metrics`), probes.csv (`posae.eval.probes`),
-ablations.csv and ablations_runs.csv (`posae.eval.ablations`), the runs' metrics.jsonl
+fidelity.csv (`posae.eval.fidelity`), ablations.csv and ablations_runs.csv (`posae.eval.ablations`), the runs' metrics.jsonl
 (`posae.checkpoint.metrics_frame`) and the validation activation stores (norms, `posae.eval.structure`).
 """
 
@@ -17,6 +17,7 @@ import pandas as pd
 from posae.checkpoint import metrics_frame
 from posae.config import Config
 from posae.eval.ablations import ABLATIONS_CSV, ABLATIONS_RUNS_CSV
+from posae.eval.fidelity import FIDELITY_CSV
 from posae.eval.metrics import BY_POSITION_CSV, METRICS_CSV
 from posae.eval.probes import PROBES_CSV
 from posae.paper import PAPER_TABLE1, PaperRow
@@ -47,9 +48,10 @@ class RunTables(NamedTuple):
     ablation_runs: pd.DataFrame  # ablations_runs.csv
     training: pd.DataFrame  # metrics.jsonl of every finished run, tidy (`metrics_frame`)
     norms: pd.DataFrame  # layer, position, norm_mean, norm_std, normalised_norm_mean (validation store)
+    fidelity: pd.DataFrame  # fidelity.csv: one row per run (CE-loss score, KL)
 
 
-_WRITTEN_BY = {METRICS_CSV: "04_probe", BY_POSITION_CSV: "04_probe", PROBES_CSV: "04_probe",
+_WRITTEN_BY = {METRICS_CSV: "04_probe", BY_POSITION_CSV: "04_probe", PROBES_CSV: "04_probe", FIDELITY_CSV: "04_probe",
                ABLATIONS_CSV: "05_ablations", ABLATIONS_RUNS_CSV: "05_ablations"}
 
 
@@ -82,7 +84,8 @@ def read_tables(cfg: Config) -> RunTables:
         metrics=_read_csv(cfg.name, METRICS_CSV), by_position=_read_csv(cfg.name, BY_POSITION_CSV),
         probes=_read_csv(cfg.name, PROBES_CSV), ablations=_read_csv(cfg.name, ABLATIONS_CSV),
         ablation_runs=_read_csv(cfg.name, ABLATIONS_RUNS_CSV),
-        training=_in_variant_order(metrics_frame(cfg.name, layers=list(cfg.capture.layers))), norms=norms)
+        training=_in_variant_order(metrics_frame(cfg.name, layers=list(cfg.capture.layers))), norms=norms,
+        fidelity=_read_csv(cfg.name, FIDELITY_CSV))
 
 
 # --------------------------------------------------------------------------- table 1
@@ -94,8 +97,9 @@ class Stat(NamedTuple):
     column of table1.md."""
 
     name: str
-    source: str  # "metrics": a column of val_metrics.csv; "probes": of probes.csv; "ratio": the paired MSE
-    #              ratio to the baseline; "paper": one of the paper's columns (`posae.paper.PAPER_TABLE1`)
+    source: str  # "metrics": a column of val_metrics.csv; "probes": of probes.csv; "fidelity": of fidelity.csv;
+    #              "ratio": the paired MSE ratio to the baseline; "paper": one of the paper's columns
+    #              (`posae.paper.PAPER_TABLE1`)
     column: str | None = None  # the column it averages (metrics, probes)
     header: str | None = None  # its column in table1.md; None: the CSV only
     digits: int = 3  # shown in table1.md
@@ -114,13 +118,29 @@ TABLE1: tuple[Stat, ...] = (
     Stat("l0", "metrics", "sparsity/l0", "L0", 1),
     Stat("explained_variance", "metrics", "val/explained_variance", "EV", 3),
     Stat("dead_fraction", "metrics", "sparsity/dead_fraction"),
-    Stat("U", "probes", "U", "U", 2),
+    Stat("position_coverage", "metrics", "position/coverage"),
+    Stat("ce_score", "fidelity", "ce_score", "CE score", 3),
+    Stat("kl", "fidelity", "kl_spliced", "KL", 3),
+    Stat("U_x", "probes", "U_x", "U_x", 2),
+    Stat("D_x", "probes", "D_x"),
+    Stat("D_x_null", "probes", "D_x_null"),
+    Stat("U", "probes", "U", "U, input kept", 2),
     Stat("paper_U", "paper", None, "paper U", 1),
-    Stat("acc_global", "probes", "acc_global", "acc_G", 2),
-    Stat("acc_position", "probes", "acc_position", "acc_P", 2),
-    Stat("acc_all", "probes", "acc_all", "acc_all", 2),
+    Stat("acc_global", "probes", "acc_global"),
+    Stat("acc_position", "probes", "acc_position"),
+    Stat("acc_global_x", "probes", "acc_global_x"),
+    Stat("acc_position_x", "probes", "acc_position_x"),
+    Stat("acc_all", "probes", "acc_all"),
     Stat("acc_raw", "probes", "acc_raw", "acc_raw", 2),
 )
+
+# The per-layer table (table1_by_layer.md): ours only, mean ± standard error over seeds at each layer.
+BY_LAYER_HEADERS: dict[str, tuple[str, int]] = {
+    "mse": ("MSE", 3), "mse_ratio": ("MSE / baseline", 2), "l0": ("L0", 1), "explained_variance": ("EV", 3),
+    "ce_score": ("CE score", 3), "kl": ("KL", 3), "U_x": ("U_x", 3), "D_x_null": ("D_x null", 3),
+    "U": ("U, input kept", 2), "acc_position_x": ("acc_P_x", 2), "acc_position": ("acc_P", 2),
+    "acc_global": ("acc_G", 2), "acc_raw": ("acc_raw", 2),
+}
 
 
 def paired_ratio(metrics: pd.DataFrame, column: str = "val/mse", base: str = BASELINE) -> pd.DataFrame:
@@ -148,33 +168,49 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     return (float(values.mean()) if len(values) else _NA), (float(values.std()) if len(values) > 1 else _NA)
 
 
-def table1(tables: RunTables, variants: Iterable[str] | None = None) -> pd.DataFrame:
+_SOURCES = {"metrics": "metrics", "probes": "probes", "fidelity": "fidelity"}
+
+
+def table1(tables: RunTables, variants: Iterable[str] | None = None, by_layer: bool = False) -> pd.DataFrame:
     """One row per variant: mean and std over seeds and layers of each statistic, the MSE ratio to the
     baseline (paired by layer and seed), and the paper's numbers. `variants` defaults to every
-    registered variant plus any other found in the runs; one without runs has runs = 0 and NaNs."""
+    registered variant plus any other found in the runs; one without runs has runs = 0 and NaNs.
+
+    `by_layer`: one row per variant and layer instead, over seeds, with ``<name>_se`` = std/√runs beside
+    each std (the pooled std is mostly the spread between layers; this is the noise at one layer).
+    """
     from posae.saes import REGISTRY
 
-    m, p = tables.metrics, tables.probes
+    m = tables.metrics
     names = ordered_variants(set(REGISTRY if variants is None else variants) | set(m["variant"]))
-    ratios = paired_ratio(m)
+    frames = {"metrics": m, "probes": tables.probes, "fidelity": tables.fidelity,
+              "ratio": paired_ratio(m).rename(columns={"ratio": "mse_ratio"})}
+    layers = sorted(m["layer"].unique()) if by_layer else [None]
     rows = []
     for v in names:
-        mv, pv = m[m["variant"] == v], p[p["variant"] == v]
-        row: dict[str, object] = {"variant": v, "grouping": mv["grouping"].iloc[0] if len(mv) else "",
-                                  "runs": len(mv), "layers": mv["layer"].nunique(), "seeds": mv["seed"].nunique()}
-        for stat in TABLE1:
-            if stat.source == "metrics":
-                row[f"{stat.name}_mean"], row[f"{stat.name}_std"] = _mean_std(mv[stat.column])
-        for stat in TABLE1:
-            if stat.source == "probes":
-                row[f"{stat.name}_mean"], row[f"{stat.name}_std"] = _mean_std(pv[stat.column])
-        row["mse_ratio_mean"], row["mse_ratio_std"] = _mean_std(ratios.loc[ratios["variant"] == v, "ratio"])
-        paper = PAPER_TABLE1.get(v, PaperRow(_NA, _NA, _NA, _NA, _NA, ""))
-        row.update({"paper_mse_mean": paper.mse, "paper_mse_std": paper.mse_std})
-        row["paper_mse_ratio_mean"], row["paper_mse_ratio_std"] = paper_ratio(v)
-        row.update({"paper_l1_mean": paper.l1, "paper_l1_std": paper.l1_std, "paper_U": paper.U,
-                    "paper_source": paper.source})
-        rows.append(row)
+        for layer in layers:
+            pick = {k: df[(df["variant"] == v) & ((df["layer"] == layer) if layer is not None else True)]
+                    if len(df) else df for k, df in frames.items()}
+            mv = pick["metrics"]
+            row: dict[str, object] = {"variant": v, **({"layer": layer} if by_layer else {}),
+                                      "grouping": mv["grouping"].iloc[0] if len(mv) else "", "runs": len(mv),
+                                      "layers": mv["layer"].nunique(), "seeds": mv["seed"].nunique()}
+            for stat in TABLE1:
+                if stat.source in _SOURCES or stat.source == "ratio":
+                    df = pick["ratio" if stat.source == "ratio" else stat.source]
+                    column = "mse_ratio" if stat.source == "ratio" else stat.column
+                    values = df[column] if column in df else pd.Series(dtype=float)
+                    row[f"{stat.name}_mean"], row[f"{stat.name}_std"] = _mean_std(values)
+                    if by_layer:
+                        n = int(values.notna().sum())
+                        row[f"{stat.name}_se"] = row[f"{stat.name}_std"] / math.sqrt(n) if n > 1 else _NA
+            if not by_layer:
+                paper = PAPER_TABLE1.get(v, PaperRow(_NA, _NA, _NA, _NA, _NA, ""))
+                row.update({"paper_mse_mean": paper.mse, "paper_mse_std": paper.mse_std})
+                row["paper_mse_ratio_mean"], row["paper_mse_ratio_std"] = paper_ratio(v)
+                row.update({"paper_l1_mean": paper.l1, "paper_l1_std": paper.l1_std, "paper_U": paper.U,
+                            "paper_source": paper.source})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -204,12 +240,31 @@ def table1_markdown(table: pd.DataFrame) -> str:
         mean = table[f"{name}_mean"] if f"{name}_mean" in table else table[name]
         show[stat.header] = [fmt(m, s, stat.digits) for m, s in zip(mean, std)]
     return markdown_table(show) + (
-        "\nMean ± std over seeds and layers (`runs` of them), on validation activations. MSE is per element on the "
-        "normalised scale (centred and scaled so that predicting the mean scores 1.0); the paper's MSE scale is "
-        "unstated, so compare the ratios to the baseline (ours paired by layer and seed; the paper's std propagated "
-        "from its two stds) and the ordering, not the values. L1 = ‖f‖₁/k, the per-feature mean activation the "
-        "paper's sparsity (target < 0.1) fits; L0 = active features per token; EV = explained variance. "
-        "U = clip((acc_P − acc_G)/(1 − chance), 0, 1) from held-out position-bucket probes on the global (G) and "
-        "position (P) feature groups, all features, and the raw activations. † no learned groups: U is computed on "
-        "an arbitrary half split and measures no disentanglement. Paper: Table 1 (MSE, U), §6.1–6.2 (sparsity; "
-        "soft_masking_sparse's MSE); — where it reports nothing.\n")
+        "\nMean ± std over seeds and layers (`runs` of them), on validation activations; table1_by_layer.md has each "
+        "layer with standard errors over seeds. MSE is per element on the normalised scale (centred and scaled so that "
+        "predicting the mean scores 1.0); the paper's MSE scale is unstated, so compare the ratios to the baseline (ours "
+        "paired by layer and seed; the paper's std propagated from its two stds) and the ordering, not the values. "
+        "L1 = ‖f‖₁/k, the per-feature mean activation the paper's sparsity (target < 0.1) fits; L0 = active features "
+        "per token; EV = explained variance. CE score = (CE_zero − CE_spliced)/(CE_zero − CE_clean) with the "
+        "reconstruction spliced into the model at its layer (1 = the model's own loss, 0 = the layer zeroed), KL = "
+        "KL(clean ‖ spliced) per token in nats; the paper reports no downstream metric. U_x = clip((acc_P_x − acc_G_x)/"
+        "(1 − chance), 0, 1) from held-out position-bucket probes on the global (G) and position (P) groups with the "
+        "SAE's position input neutralised (positions shuffled across tokens), so it credits only position information "
+        "the activation carries; U, input kept, is the same score with each token's own position fed to the SAE, "
+        "which an SAE that echoes its position input also passes (the paper's measurement as we read it). acc_raw is "
+        "the probe on the activations themselves. † no learned groups: U and U_x are computed on an arbitrary half "
+        "split and measure no disentanglement. Paper: Table 1 (MSE, U), §6.1–6.2 (sparsity; soft_masking_sparse's "
+        "MSE); — where it reports nothing.\n")
+
+
+def table1_by_layer_markdown(table: pd.DataFrame) -> str:
+    """The per-layer table for reading: 'mean ± se' over seeds at each layer."""
+    show = pd.DataFrame({"variant": [v + (" †" if g == "arbitrary" else "") for v, g in
+                                     zip(table["variant"], table["grouping"])],
+                         "layer": table["layer"].astype(int), "runs": table["runs"]})
+    for name, (header, digits) in BY_LAYER_HEADERS.items():
+        show[header] = [fmt(m, s, digits) for m, s in zip(table[f"{name}_mean"], table[f"{name}_se"])]
+    return markdown_table(show[show["runs"] > 0]) + (
+        "\nMean ± standard error over seeds (`runs` of them) at each layer; the columns as in table1.md. D_x null is "
+        "the unclipped score of the same probes with the position labels permuted within each sequence: what the "
+        "score reads when the features know nothing about position.\n")
