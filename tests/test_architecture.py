@@ -6,7 +6,8 @@ are separate edge kinds. (1) The module-level imports have no cycle (a cycle mak
 train < eval < report < pipeline (base includes `paper`, the quoted numbers, since notebook 05 writes
 them into ablations.csv). Inside `eval` the notebooks' order holds too: the shared primitives
 (probing) < metrics (03) and structure (02) < probes (04) < ablations (05), so notebook 02's structure
-does not import notebook 04's probes. The pipeline is the top layer: its lazy imports of everything are
+does not import notebook 04's probes; the planted ground truth (notebook 00) scores with notebook 04's
+probes, so it sits just above them. The pipeline is the top layer: its lazy imports of everything are
 downward by construction.
 """
 
@@ -27,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval: shared primitives", ("posae.eval", "posae.eval.probing")),
     ("eval: metrics and structure (notebooks 02, 03)", ("posae.eval.metrics", "posae.eval.structure")),
     ("eval: probes (notebook 04)", ("posae.eval.probes",)),
+    ("eval: the planted ground truth (notebook 00)", ("posae.eval.ground_truth",)),
     ("eval: ablations (notebook 05)", ("posae.eval.ablations",)),
     ("report", ("posae.report", "posae.report.")),
     ("pipeline", ("posae.pipeline", "posae.pipeline.", "posae.notebook", "posae.__main__")),

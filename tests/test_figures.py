@@ -68,7 +68,7 @@ def test_run_info_names_the_config_the_machine_and_the_stage_times(smoke_figures
     assert info["config"] == "smoke" and info["config_source"] == "params/smoke.yaml"
     assert info["machine"]["cpu_count"] >= 1
     stages = [s["stage"] for s in info["stages"]]
-    assert stages[0] == "capture" and "figures" not in stages
+    assert stages[:2] == ["ground_truth", "capture"] and "figures" not in stages
     assert info["wall_seconds"] >= max(s["seconds"] for s in info["stages"]) > 0
 
 

@@ -361,9 +361,9 @@ def test_driver_killed_between_and_inside_stages(smoke_reproduction, runs_root, 
     ref_figs, figs = Path(os.environ["POSAE_FIGURES"]) / "smoke", tmp_path / "figures" / "smoke"
     trains = sorted(name for name in stage_records(ref_run) if name.startswith("train-"))
 
-    # Between stages: capture and structure recorded, no training started.
+    # Between stages: the ground truth, capture and structure recorded, no training started.
     drive_until(tmp_path, lambda: (run / "stages" / "structure.json").exists(), "the end of stage structure")
-    assert set(stage_records(run)) == {"capture", "structure"}
+    assert set(stage_records(run)) == {"ground_truth", "capture", "structure"}
     assert not (run / "saes").exists()
     assert_whole_products(run, ref_run)
 

@@ -18,8 +18,8 @@ from posae.pipeline.stages import Stage, StageFailed, UnknownStage, fingerprint,
 
 def test_every_stage_runs_and_renders(smoke_reproduction):
     names = [r["stage"] for r in smoke_reproduction]
-    assert names[:2] == ["capture", "structure"] and names[-1] == "figures"
-    assert sum(n.startswith("train:") for n in names) == len(stage_list(load_config("smoke"))) - 5
+    assert names[:3] == ["ground_truth", "capture", "structure"] and names[-1] == "figures"
+    assert sum(n.startswith("train:") for n in names) == len(stage_list(load_config("smoke"))) - 6
     out = run_dir("smoke") / "notebooks"
     for stage in stage_list(load_config("smoke")):
         assert (out / f"{stage.output_stem}.ipynb").exists()

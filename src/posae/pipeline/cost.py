@@ -477,6 +477,7 @@ def format_plan(p: Plan) -> str:
     """The plan as the text `python -m posae plan` prints."""
     trains = [s for s in p.stages if s.startswith("train:")]
     others = [s for s in p.stages if not s.startswith("train:")]
+    n_before = next((i for i, s in enumerate(p.stages) if s.startswith("train:")), len(others))
     tr, va = p.stores["train"], p.stores["val"]
     per_seq = p.seq_len - (1 if p.exclude_bos else 0)
     cap_t, train_t = p.capture_seconds, p.train_seconds
@@ -497,8 +498,8 @@ def format_plan(p: Plan) -> str:
         f"          shapes from {p.architecture_from}",
         f"device    {device}",
         f"          on the {p.gpu_key}: forward in {p.forward_dtype}, SAE training with {p.train_dtype} autocast",
-        f"stages    {len(p.stages)}: {', '.join(others[:2])}, train x {len(trains)} (one per variant), "
-        f"{', '.join(others[2:])}",
+        f"stages    {len(p.stages)}: {', '.join(others[:n_before])}, train x {len(trains)} (one per variant), "
+        f"{', '.join(others[n_before:])}",
         "",
         f"capture   layers {', '.join(map(str, p.layers))}; {p.n_train:,} train + {p.n_val:,} val sequences of "
         f"{p.seq_len} tokens, batches of {p.capture_batch}",

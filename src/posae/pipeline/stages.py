@@ -80,7 +80,9 @@ def stage_list(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
                     (variant_path(v),)) for v in variants]
     train_names = tuple(s.name for s in trains)
     variant_files = tuple(f for s in trains for f in s.inputs)
+    every_variant = tuple(variant_path(v) for v in variant_names())  # the ground truth trains them all
     return [
+        Stage("ground_truth", "00_ground_truth.ipynb", p, (), every_variant),
         Stage("capture", "01_capture_activations.ipynb", p),
         Stage("structure", "02_position_structure.ipynb", p, ("capture",)),
         *trains,
@@ -147,6 +149,12 @@ def _capture_products(cfg: Config, stage: Stage) -> list[Product]:
     return [_in_run(cfg, p) for p in store_paths(cfg).values()]
 
 
+def _ground_truth_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.eval.ground_truth import GROUND_TRUTH_CSV, ground_truth_dir, run_folders
+
+    return [_in_run(cfg, ground_truth_dir(cfg) / GROUND_TRUTH_CSV), *(_in_run(cfg, f) for f in run_folders(cfg))]
+
+
 def _structure_products(cfg: Config, stage: Stage) -> list[Product]:
     out = run_dir(cfg.name) / "notebooks" / f"{stage.output_stem}.ipynb"  # it writes no file of its own
     return [_in_run(cfg, out), _in_run(cfg, out.with_suffix(".html"))]
@@ -193,8 +201,8 @@ def _figure_products(cfg: Config, stage: Stage) -> list[Product]:
 
 # Stage kind (its name before any ":") -> what it owns; a kind not listed owns nothing beyond its record.
 _PRODUCTS: dict[str, Callable[[Config, Stage], list[Product]]] = {
-    "capture": _capture_products, "structure": _structure_products, "train": _train_products,
-    "probe": _probe_products, "ablations": _ablation_products, "figures": _figure_products,
+    "ground_truth": _ground_truth_products, "capture": _capture_products, "structure": _structure_products,
+    "train": _train_products, "probe": _probe_products, "ablations": _ablation_products, "figures": _figure_products,
 }
 
 

@@ -132,6 +132,34 @@ def unlearning_scores(probes: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def ground_truth_scores(df: pd.DataFrame) -> plt.Figure:
+    """U (the SAE's position input kept: open circles) and U_x (shuffled: filled) per SAE, one panel per data
+    set, the two reference SAEs on top in bold; † = arbitrary halves. `df` is ground_truth.csv
+    (`posae.eval.ground_truth.ground_truth`)."""
+    df = df.assign(label=_variant_labels(df))
+    refs = list(dict.fromkeys(df.loc[df["kind"] == "reference", "label"]))
+    labels = refs + sorted(set(df["label"]) - set(refs))
+    y = list(range(len(labels)))
+    panels = list(dict.fromkeys(df["data"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, 3.6), sharey=True, squeeze=False)
+    for ax, data in zip(axes[0], panels):
+        g = df[df["data"] == data].set_index("label").loc[labels]
+        ax.hlines(y, g["U_x"], g["U"], color="lightgrey", lw=2, zorder=1)
+        ax.scatter(g["U"], y, facecolors="white", edgecolors="C0", zorder=2, label="U: position input kept")
+        ax.scatter(g["U_x"], y, color="C1", s=18, zorder=3, label="U_x: position input shuffled")
+        ax.axhline(len(refs) - 0.5, color="grey", lw=0.8)
+        ax.set(xlim=(-0.04, 1.04), title=f"{data} data", xlabel="")
+    axes[0][0].set_yticks(y, labels)
+    axes[0][0].invert_yaxis()
+    for tick in axes[0][0].get_yticklabels()[:len(refs)]:
+        tick.set_fontweight("bold")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.supxlabel("score = clip((acc_P − acc_G)/(1 − 1/buckets), 0, 1)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, names, loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    return fig
+
+
 def mse_by_position(by_position: pd.DataFrame, variants: list[str] | None = None) -> sns.FacetGrid:
     """Validation MSE (normalised scale) at each position, one line per variant (band: range over seeds),
     one panel per layer. `by_position` is `posae.eval.metrics.evaluate_all(...).by_position`."""
