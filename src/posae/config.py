@@ -173,6 +173,8 @@ class ProbeConfig:
     eval_sequences: int | None = doc_field(
         128, "whole validation sequences drawn for the reconstruction metrics, dead fraction and per-feature "
              "statistics (None: all); 128 x 127 tokens cost ~0.9 s of CPU per SAE at d = k = 640", min=1)
+    fidelity_sequences: int = doc_field(
+        8, "whole validation sequences drawn for the downstream fidelity (CE-loss score, KL: posae.eval.fidelity)", min=1)
 
 
 @dataclass(frozen=True)
