@@ -181,10 +181,12 @@ def _table_products(*names: str) -> Callable[[Config, Stage], list[Product]]:
 
 
 def _probe_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.eval.fidelity import FIDELITY_BY_POSITION_CSV, FIDELITY_CSV
     from posae.eval.metrics import BY_POSITION_CSV, FEATURES_CSV, METRICS_CSV
     from posae.eval.probes import PROBES_CSV
 
-    return _table_products(METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV, PROBES_CSV)(cfg, stage)
+    return _table_products(METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV, PROBES_CSV, FIDELITY_CSV,
+                           FIDELITY_BY_POSITION_CSV)(cfg, stage)
 
 
 def _ablation_products(cfg: Config, stage: Stage) -> list[Product]:
