@@ -192,6 +192,19 @@ def test_bos_keeps_its_activation_and_the_replacement_never_sees_it(sharp):
     assert all((p > 0).all() for p in seen[1:]) and sum(len(p) for p in seen[1:]) == ids.numel() - len(ids)
 
 
+def test_two_single_threaded_workers_give_the_losses_of_one_thread(sharp):
+    loaded, ids = sharp
+    replacements = {"zero": fid.zero, "noise": noise(0.5)}
+    one = fid.measure(loaded, ids, 2, replacements, batch_size=6)
+    torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
+    two = fid.measure(loaded, ids, 2, replacements, batch_size=6)
+    assert torch.get_num_threads() == 2
+    np.testing.assert_allclose(two.ce_clean_N, one.ce_clean_N, rtol=1e-5)
+    for key in replacements:
+        np.testing.assert_allclose(two.ce[key], one.ce[key], rtol=1e-5)
+        np.testing.assert_allclose(two.kl[key], one.kl[key], rtol=1e-4, atol=1e-6)
+
+
 def test_per_token_losses_match_a_direct_log_softmax_with_and_without_soft_capping(sharp):
     loaded, _ = sharp
     tail = fid.model_tail(loaded.model)
