@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -283,7 +284,7 @@ def evaluate_run(folder: Path, store: ActivationStore, rows_N: np.ndarray, bucke
 
 
 def evaluate_all(cfg: Config, variants: str | Iterable[str] | None = None, progress: bool = True,
-                 write: bool = True, reuse: bool = True) -> Evaluation:
+                 write: bool = True, reuse: bool = True, workers: int = 2) -> Evaluation:
     """Evaluate every finished run of `cfg` (or of `variants`) on its layer's validation store.
 
     `reuse` takes rows of the tables already under runs/<config>/ whose `eval_key` still matches;
@@ -295,8 +296,8 @@ def evaluate_all(cfg: Config, variants: str | Iterable[str] | None = None, progr
     stores = open_layer_stores(cfg, "val")
     rows = {layer: eval_rows(store, cfg.probe.eval_sequences, cfg.probe.seed) for layer, store in stores.items()}
     old = read_evaluation(cfg) if reuse else None
-    parts: list[Evaluation] = []
-    for folder in progress_iter(folders, progress, "evaluate"):
+
+    def one(folder: Path) -> Evaluation:
         info = checkpoint.read_info(folder)
         store = stores[info["layer"]]
         key = eval_key(folder, store, cfg.probe.eval_sequences, cfg.probe.seed, cfg.sae.buckets)
@@ -304,7 +305,17 @@ def evaluate_all(cfg: Config, variants: str | Iterable[str] | None = None, progr
         if cached is None:
             ev = evaluate_run(folder, store, rows[info["layer"]], cfg.sae.buckets, device=device)
             cached = Evaluation(*(df.assign(eval_key=key) for df in ev))
-        parts.append(cached)
+        return cached
+
+    # Runs side by side, one torch thread each: a run's pass is small matmuls and reductions that two threads
+    # share poorly. Each run's sums are the same whatever runs beside it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            parts = list(progress_iter(pool.map(one, folders), progress, "evaluate", total=len(folders)))
+    finally:
+        torch.set_num_threads(threads)
     result = Evaluation(*(_ordered(pd.concat([p[i] for p in parts], ignore_index=True)) for i in range(3)))
     if write:
         write_evaluation(cfg, result, names)
