@@ -144,7 +144,7 @@ class SAE(nn.Module):
         """Drop the part of each decoder row's gradient that would only change its norm."""
         W, G = self.W_dec_KD, self.W_dec_KD.grad
         if G is not None:
-            G.sub_((G * W).sum(-1, keepdim=True) * W)
+            G.addcmul_(torch.linalg.vecdot(G, W).unsqueeze(-1), W, value=-1)  # two passes over [K, D], not four
 
     def extra_repr(self) -> str:
         return f"d={self.d_model}, k={self.k}, seq_len={self.seq_len}, options={self.options}"
