@@ -21,6 +21,7 @@ carries the rest (weights, AdamW moments, dead-feature counters).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -132,6 +133,7 @@ def _train_run(cfg: Config, variant: str, layer: int, seed: int, store: Activati
     info = run_info(cfg, variant, layer, seed, store, ident, state, out)
     dtype = autocast_dtype(tcfg, device)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum
+    keep_freed_memory()
     clock = {"t": time.perf_counter(), "step": state.step, "start": time.perf_counter(), "start_step": state.step}
     with progress_bar(progress, f"{variant} layer {layer} seed {seed}", tcfg, tokens_per_step, state.step) as bar, \
             threads_for(state.sae, tcfg):
@@ -432,6 +434,25 @@ def threads_for(sae: SAE, tcfg: TrainConfig) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """Let the C library keep freed blocks of up to 32 MB for reuse, for the rest of the process.
+
+    A step allocates and frees the same megabyte-sized tensors every time (the batch, activations,
+    gradients, casts). By default glibc maps each such block afresh or trims the heap once it is
+    freed, and the kernel then zero-fills its pages again on first touch: ~15% of a d = 640 step
+    at 1,024 tokens, on either CPU. A process holds up to 256 MB of freed memory instead. No-op
+    where the C library has no `mallopt` (not glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # setting either disables glibc's own, adaptive thresholds
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 
 # --------------------------------------------------------------------------- checkpoints
