@@ -13,9 +13,10 @@ the learning rate.
 Speed (the whole default reproduction within 10 minutes on two cores): bf16 autocast where the
 CPU has native bf16, with fp32 master weights and AdamW state; the encoder written so autograd
 runs 5 matmuls per step, not 6 (`SAE.pre_acts`); batches gathered straight from the memory-mapped
-store. Determinism: the data order is a pure function of (seed, step) (`batch_indices`), and so is
-every resampling draw, so a resumed run repeats the uninterrupted one bit for bit; the checkpoint
-carries the rest (weights, AdamW moments, dead-feature counters).
+store; freed memory kept for reuse (`keep_freed_memory`). Determinism: the data order is a pure
+function of (seed, step) (`batch_indices`), and so is every resampling draw, so a resumed run
+repeats the uninterrupted one bit for bit; the checkpoint carries the rest (weights, AdamW
+moments, dead-feature counters).
 """
 
 from __future__ import annotations
@@ -443,10 +444,10 @@ def keep_freed_memory() -> None:
     A step allocates and frees the same megabyte-sized tensors every time (the batch, activations,
     gradients, casts). By default glibc maps each such block afresh or trims the heap once it is
     freed, and the kernel then zero-fills its pages again on first touch: ~15% of a d = 640 step
-    at 1,024 tokens, on either CPU. A process holds up to 256 MB of freed memory instead. No-op
-    where the C library has no `mallopt` (not glibc).
+    at 1,024 tokens (the C library's behaviour, not the CPU's). A process holds up to 256 MB of
+    freed memory instead. Linux only; a no-op where the C library has no `mallopt` (not glibc).
     """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # setting either disables glibc's own, adaptive thresholds
         mallopt(_M_TRIM_THRESHOLD, 256 << 20)

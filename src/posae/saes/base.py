@@ -146,7 +146,7 @@ class SAE(nn.Module):
         """Drop the part of each decoder row's gradient that would only change its norm."""
         W, G = self.W_dec_KD, self.W_dec_KD.grad
         if G is not None:
-            G.addcmul_(torch.linalg.vecdot(G, W).unsqueeze(-1), W, value=-1)  # two passes over [K, D], not four
+            G.addcmul_(torch.linalg.vecdot(G, W).unsqueeze(-1), W, value=-1)  # 3 passes over [K, D], not 4
 
     def extra_repr(self) -> str:
         return f"d={self.d_model}, k={self.k}, seq_len={self.seq_len}, options={self.options}"
@@ -163,7 +163,7 @@ class _PreActs(torch.autograd.Function):
     W_c is W cast to x's dtype. W's whole gradient, x^T g − b_dec ⊗ Σ_B g, is returned for W itself,
     in fp32 and none for W_c: x^T g is cast up once and the bias vector's share added to it in place
     as a rank-1 update, where autograd would cast it, build the rank-1 term as a new [D, K]
-    tensor and add the two (~4% of a k = 640 step at 1,024 tokens). The same numbers as autograd's.
+    tensor and add the two (~4% of a k = 640 step at 1,024 tokens). The same numbers up to rounding.
     """
 
     @staticmethod
