@@ -1,27 +1,28 @@
 """Training-step throughput: every posae variant, a hand-written ReLU SAE, SAELens, and the matmul peaks.
 
 All on the same in-memory activations (the default config's layer-8 training store when it has
-been captured, else Gaussian data of the same shape), d = 640, batch 4096 tokens, k = 640 and
-2560, in one process so that the figures share the machine's state. Timings interleave the
-contenders round by round and keep each one's best round, which is robust to other processes
-borrowing a core for a moment. Prints Markdown tables for benchmarks/README.md.
+been captured, else Gaussian data of the same shape), d = 640, batch 4096 tokens (`--batch`; the
+default config trains with 1024), k = 640 and 2560 (`--k`), in one process so that the figures
+share the machine's state. Timings interleave the contenders round by round and keep each one's
+best round, which is robust to other processes borrowing a core for a moment. Prints Markdown
+tables for benchmarks/README.md.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'    # SAELens, after the pinned torch
     .venv/bin/python benchmarks/train_step.py                  # ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/train_step.py --threads 1 --batch 1024 --k 640 --posae-only
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 
-from posae import train
+from posae import provenance, train
 from posae.checks import load_config
 from posae.config import Config, SAEConfig, TrainConfig
 from posae.data import models
@@ -29,14 +30,15 @@ from posae.data.store import ActivationStore, StoreError
 from posae.paths import activations_dir
 from posae.saes import REGISTRY, variant_config
 
-D, B, T = 640, 4096, 128
+D, T = 640, 128
+B = 4096  # tokens per step; --batch sets it
 
 
 class MemoryStore:
     """The slice of the ActivationStore interface a training step reads, held in memory."""
 
     def __init__(self, x_ND: torch.Tensor, pos_N: np.ndarray, seq_len: int):
-        self.x_ND, self.pos_N = x_ND, pos_N
+        self.x_ND, self.pos_N, self.seq_len = x_ND, pos_N, seq_len
         self.meta, self.d_model, self.scale = {"seq_len": seq_len, "hash": "memory"}, x_ND.shape[1], 1.0
         self.mean_D, self.path = np.zeros(x_ND.shape[1], np.float32), "<memory>"
 
@@ -62,6 +64,9 @@ def activations(n_tokens: int) -> tuple[MemoryStore, str]:
             f"Gaussian activations ({n_tokens:,} tokens; run notebook 01 for real ones)"
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
+
+
 def best_seconds(contenders: dict[str, Callable[[int], None]], rounds: int, reps: int) -> dict[str, float]:
     """Seconds per step of each contender (`fn(n)` runs n steps): best round of `reps` steps, rounds interleaved."""
     for fn in contenders.values():
@@ -69,9 +74,9 @@ def best_seconds(contenders: dict[str, Callable[[int], None]], rounds: int, reps
     best = {name: float("inf") for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn(reps)
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
+            best[name] = min(best[name], (CLOCK() - t0) / reps)
     return best
 
 
@@ -169,30 +174,40 @@ def final_mse(dtype: torch.dtype | None, fallback: MemoryStore) -> tuple[float, 
 
 
 def main() -> None:
+    global B, CLOCK
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores). On a shared "
                     "machine 1 is far steadier: a two-thread op waits whenever another process holds a core")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="steps per round")
+    ap.add_argument("--batch", type=int, default=B, help="tokens per step (the default config trains with 1024)")
+    ap.add_argument("--k", type=int, nargs="+", default=[640, 2560], help="dictionary sizes")
+    ap.add_argument("--posae-only", action="store_true", help="only posae's variants: no plain loop, no SAELens, "
+                    "no reconstruction check")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time, which "
+                    "a process holding the other core does not inflate (with --threads 1 on a shared machine)")
     args = ap.parse_args()
+    B = args.batch
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
+    train.keep_freed_memory()  # as a training run does; every contender shares the process
     store, source = activations(B * 16)
     bf16 = train.autocast_dtype(TrainConfig())
-    print(f"# Training step, d={D}, batch {B} tokens; {source}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"native bf16: {models.cpu_has_native_bf16()}\n")
+    print(f"# Training step, d={D}, batch {B} tokens; {source}; {args.clock} clock")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {provenance.cpu_model()} "
+          f"({' '.join(provenance.cpu_bf16_features())}), native bf16: {models.cpu_has_native_bf16()}\n")
 
     rows = []
-    for k in (640, 2560):
+    for k in args.k:
         peaks = matmul_peaks(k)
-        contenders = {
+        contenders = {} if args.posae_only else {
             "plain ReLU SAE, fp32": plain_step(store, k, False),
             "plain ReLU SAE, bf16 autocast": plain_step(store, k, True),
             "SAELens StandardTrainingSAE, default (fp32)": saelens_fit(store, k, False),
             "SAELens StandardTrainingSAE, autocast bf16": saelens_fit(store, k, True),
-            "posae baseline, fp32": posae_step(store, "baseline", k, None),
         }
+        contenders["posae baseline, fp32"] = posae_step(store, "baseline", k, None)
         contenders.update({f"posae {v}": posae_step(store, v, k, bf16) for v in sorted(REGISTRY)})
         secs = best_seconds(contenders, args.rounds, args.reps)
         base = secs["posae baseline"]
@@ -206,12 +221,17 @@ def main() -> None:
         for r in rows:
             if r["k"] == k:
                 print(f"| {r['step']} | {r['ms']:.1f} | {r['ktok_s']:.1f} | {r['vs_baseline']:.2f}x |")
-        sl_default = secs["SAELens StandardTrainingSAE, default (fp32)"]
-        sl_best = min(sl_default, secs["SAELens StandardTrainingSAE, autocast bf16"])
-        print(f"\nposae baseline: {sl_default / base:.2f}x SAELens default, {sl_best / base:.2f}x its fastest setting; "
+        against = ""
+        if not args.posae_only:
+            sl_default = secs["SAELens StandardTrainingSAE, default (fp32)"]
+            sl_best = min(sl_default, secs["SAELens StandardTrainingSAE, autocast bf16"])
+            against = f"{sl_default / base:.2f}x SAELens default, {sl_best / base:.2f}x its fastest setting; "
+        print(f"\nposae baseline: {against}"
               f"matmul FLOPs at {flops / base / 1e9:.0f} GFLOP/s = {flops / base / 1e9 / peaks['bfloat16']:.0%} "
               f"of the bf16 peak; slowest variant {max(r['vs_baseline'] for r in rows if r['k'] == k and r['step'].startswith('posae') and 'fp32' not in r['step']):.2f}x the baseline\n")
 
+    if args.posae_only:
+        return
     (fp32, where), (low, _) = final_mse(None, store), final_mse(bf16, store)
     steps = load_config("default", check_model=False).train.steps
     print(f"## Reconstruction after training (baseline as params/default.yaml trains it: {steps} steps, seed 0; {where})\n")

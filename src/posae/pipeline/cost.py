@@ -19,10 +19,10 @@ this module uses it for that list.) Where each figure comes from:
   4·L·heads·head_dim per token and block, under 1% at L = 128, and are left out). SAE training:
   the matmul FLOPs of one micro-batch's forward and backward through `posae.train.objective`,
   counted by `torch.utils.flop_counter` on fake tensors of the real shapes (nothing is computed).
-  For the baseline this is (10·B + 6)·d·k for a micro-batch of B tokens: the encoder and the
+  For the baseline this is (10·B + 4)·d·k for a micro-batch of B tokens: the encoder and the
   decoder matmuls (2·B·d·k each) forward, the decoder's two gradients and the encoder's weight
-  gradient backward (the input needs none), and the one-row b_dec·W_enc term (2·d·k, ×3 with its
-  gradients). The position-aware variants' routing and embeddings add what they add (≈ +45% for
+  gradient backward (the input needs none), and the one-row b_dec·W_enc term (2·d·k, ×2 with b_dec's
+  gradient; W_enc's share is an element-wise rank-1 update, `SAE.pre_acts`). The position-aware variants' routing and embeddings add what they add (≈ +45% for
   attention routing at the paper's 8 heads × 64); element-wise work is not counted.
 - **Time.** FLOPs ÷ (the GPU's dense peak × `UTILISATION`), with two floors for the SAE steps,
   which are small (a 256 × 2304 micro-batch is ~20 GFLOP, ~0.2 ms on an A100): the host side of a

@@ -28,5 +28,10 @@ class GroupedSAE(SAE):
         return {"global": range(0, self.n_global), "position": range(self.n_global, self.k)}
 
     def split(self, f_BK: Tensor) -> tuple[Tensor, Tensor]:
-        """(global [B, G], position [B, P]) views of a feature or pre-activation tensor."""
-        return f_BK[:, : self.n_global], f_BK[:, self.n_global :]
+        """(global [B, G], position [B, P]) views of a feature or pre-activation tensor.
+
+        One `torch.split`, not two slices: its backward writes the [B, K] gradient once, where each
+        slice's would fill a zero [B, K] tensor and autograd would then add the two.
+        """
+        f_g_BG, f_p_BP = f_BK.split([self.n_global, self.k - self.n_global], dim=1)
+        return f_g_BG, f_p_BP

@@ -79,16 +79,23 @@ class Hierarchical(GroupedSAE):
     # ------------------------------------------------------------------ the model
 
     def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
-        pre_BK = self.pre_acts(x_BD)
-        pre_g_BG, pre_p_BP = self.split(pre_BK)
+        return torch.cat(self.encode_groups(x_BD, pos_B), dim=1)
+
+    def encode_groups(self, x_BD: Tensor, pos_B: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_g [B, G], f_p [B, P]): the two halves of `encode`, before they are joined."""
+        W_DK = self.W_enc_DK.to(x_BD.dtype)
+        pre_g_BG, pre_p_BP = self.split(self.pre_acts(x_BD, W_DK))
         p_TD = self.position_table()
-        Wp_p_TP = p_TD @ self.W_enc_DK[:, self.n_global :]
+        # W_p p_t through the whole encoder, then split: the extra [T, G] columns cost little, and the
+        # product reuses the encoder's cast, where a slice of the fp32 weight would be cast again and
+        # its gradient scattered into a zero fp32 [D, K] tensor before being added.
+        _, Wp_p_TP = self.split(p_TD @ W_DK)
         f_p_BP = torch.relu(pre_p_BP + Wp_p_TP.index_select(0, pos_B))
         if self.use_attention:
             f_p_BP = torch.relu(f_p_BP + self.route(x_BD, p_TD))
         if self.use_gate:
             f_p_BP = f_p_BP * self.gates(pos_B, f_p_BP.dtype)
-        return torch.cat([torch.relu(pre_g_BG), f_p_BP], dim=1)
+        return torch.relu(pre_g_BG), f_p_BP
 
     def decode(self, f_BK: Tensor, pos_B: Tensor) -> Tensor:
         x_hat_BD = super().decode(f_BK, pos_B)
