@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("posae.train", "posae.checkpoint")),
     ("eval: shared primitives", ("posae.eval", "posae.eval.probing")),
     ("eval: metrics and structure (notebooks 02, 03)", ("posae.eval.metrics", "posae.eval.structure")),
-    ("eval: probes (notebook 04)", ("posae.eval.probes",)),
+    ("eval: probes and downstream fidelity (notebook 04)", ("posae.eval.probes", "posae.eval.fidelity")),
     ("eval: the planted ground truth (notebook 00)", ("posae.eval.ground_truth",)),
     ("eval: ablations (notebook 05)", ("posae.eval.ablations",)),
     ("report", ("posae.report", "posae.report.")),

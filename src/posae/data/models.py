@@ -350,6 +350,21 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
     return AutoTokenizer.from_pretrained(source.location, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
 
 
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off: a load of a local file takes a second, and under papermill
+    the bar's redraws land in the rendered notebook as lines of their own."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model_cfg: ModelConfig, tokenizer: Any = None) -> Loaded:
     """Load the configured model for inference (eval mode, forward dtype, device).
 
@@ -373,7 +388,7 @@ def load_model(model_cfg: ModelConfig, tokenizer: Any = None) -> Loaded:
         else:
             source, kwargs = resolved.location, {"revision": model_cfg.revision}
         offline = hub_offline() if kwargs.get("local_files_only") else contextlib.nullcontext()
-        with offline:
+        with offline, no_loading_bar():
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
                                                          trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     model = model.to(device).eval()
