@@ -69,8 +69,9 @@ ACCURACY_LABELS = {"acc_global": "global group", "acc_position": "position group
 
 def layer_palette(layers) -> dict:
     """One colour per layer, the same in every figure (a sequential palette in layer order)."""
-    layers = sorted({int(x) for x in layers})
-    return dict(zip(layers, sns.color_palette("crest", len(layers))))
+    number = lambda x: int(str(x).rsplit(" ", 1)[-1])  # noqa: E731 (a layer or its label, "layer 13")
+    layers = sorted(set(layers), key=number)
+    return dict(zip(layers, sns.color_palette("viridis", len(layers) + 1)[:len(layers)]))
 
 
 def _variant_labels(df: pd.DataFrame) -> pd.Series:
@@ -119,14 +120,13 @@ def unlearning_scores(probes: pd.DataFrame) -> plt.Figure:
                        color="grey", lw=0.8, label="null (unclipped)")
         ax.axvline(0, color="black", lw=0.8)
         ax.set(xlim=(-0.1, 1.0), xlabel=column, ylabel="", title=title)
-    handles, labels = [], []
+    legend: dict[str, object] = {}
     for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(f"layer {lab}" if lab.isdigit() else lab, h)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-    labels = [f"layer {x}" if x.isdigit() else x for x in labels]
+    labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
@@ -208,7 +208,8 @@ def ablation(runs: pd.DataFrame, name: str, paper: tuple | None, xlabel: str, pe
         ax.axvline(mean * scale, color="tab:red", lw=1)
     sns.pointplot(data=df, y="variant", x="value", errorbar="sd", color="black", linestyle="none",
                   markers="|", markersize=12, ax=ax, label="mean ± std")
-    sns.stripplot(data=df, y="variant", x="value", hue="layer", palette="crest", size=4, ax=ax, jitter=0.15)
+    sns.stripplot(data=df, y="variant", x="value", hue="layer", palette=layer_palette(df["layer"]), size=4, ax=ax,
+                  jitter=0.15)
     ax.set(xlabel=xlabel + (" (%)" if percent else ""), ylabel="")
     ax.legend(fontsize=7, loc="best")
     return fig
@@ -243,13 +244,14 @@ def position_structure(norms: pd.DataFrame, raw: pd.DataFrame) -> plt.Figure:
     `norms`: layer, position, normalised_norm_mean (`posae.eval.structure.norm_by_position`);
     `raw`: layer, acc_raw, chance (one row per layer, from probes.csv)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 2.8), width_ratios=(2.2, 1))
+    colours = layer_palette(norms["layer"])
     sns.lineplot(data=norms.assign(layer=norms["layer"].map("layer {}".format)), x="position",
-                 y="normalised_norm_mean", hue="layer", palette="crest", ax=left)
+                 y="normalised_norm_mean", hue="layer", palette={f"layer {k}": c for k, c in colours.items()}, ax=left)
     left.set(xlabel="position in sequence (tokens)", ylabel="mean ‖(x − μ)·s‖ (normalised)",
              title="Activation norm by position")
     left.legend(fontsize=8, title=None)
     sns.barplot(data=raw.assign(layer=raw["layer"].astype(str)), x="layer", y="acc_raw", hue="layer",
-                palette="crest", legend=False, ax=right)
+                palette={str(k): c for k, c in colours.items()}, legend=False, ax=right)
     right.axhline(float(raw["chance"].iloc[0]), color="grey", ls="--", lw=1)
     right.set(ylim=(0, 1), xlabel="layer", ylabel="held-out accuracy", title="Raw position probe")
     fig.tight_layout()
