@@ -51,7 +51,8 @@ A variant with one undivided dictionary is scored on an arbitrary half split of 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -253,34 +254,25 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
 
     One row per run, columns `COLUMNS`. With `variants` a subset, the file keeps the other variants'
     rows from an earlier call (the returned frame holds only the requested ones). Runs are checked
-    against the validation store's normalisation. `workers` runs score side by side (each fit is
-    single-threaded and deterministic, so the result does not depend on it).
+    against the validation store's normalisation. `workers` runs score side by side in worker processes
+    (each fit is single-threaded and deterministic, so the result does not depend on it).
     """
     names = as_variant_list(variants)
-    device = models.resolve_device(cfg.model.device)  # the SAEs encode there; the probes fit on the CPU
+    models.resolve_device(cfg.model.device)  # a device that is not there fails before any work
     folders = find_runs(cfg, names)
     stores = open_layer_stores(cfg, "val")
     pc, buckets = cfg.probe, cfg.sae.buckets
     layers = sorted({checkpoint.read_info(f)["layer"] for f in folders})
-    samples = {layer: probe_sample(stores[layer], pc, buckets) for layer in layers}
-    tokens = {layer: probe_tokens(stores[layer], pc, buckets) for layer in layers}
-    raw = {layer: raw_accuracy(stores[layer], samples[layer], pc) for layer in layers}
+    raw = {layer: raw_accuracy(stores[layer], probe_sample(stores[layer], pc, buckets), pc) for layer in layers}
     for folder in folders:
         check_normalisation(folder, stores[checkpoint.read_info(folder)["layer"]])
-
-    def score(folder: Path) -> dict[str, object]:
-        info = checkpoint.read_info(folder)
-        result = score_sae(checkpoint.load_sae(folder, device), tokens[info["layer"]], buckets, pc)
-        return {"variant": info["variant"], "layer": info["layer"], "seed": info["seed"], **result,
-                "acc_raw": raw[info["layer"]]}
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the encodes are small; the cores go to the fits side by side
-    try:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            rows = list(progress_iter(pool.map(score, folders), progress, "probe", total=len(folders)))
-    finally:
-        torch.set_num_threads(threads)
+    jobs = [(cfg, str(folder), raw[checkpoint.read_info(folder)["layer"]]) for folder in folders]
+    workers = max(1, min(workers, len(jobs)))
+    if workers == 1:
+        rows = list(progress_iter(map(_score_run, jobs), progress, "probe", total=len(jobs)))
+    else:  # processes, not threads: lbfgs holds the interpreter lock between its BLAS calls
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(progress_iter(pool.map(_score_run, jobs), progress, "probe", total=len(jobs)))
     df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["variant", "layer", "seed"]).reset_index(drop=True)
     path = run_dir(cfg.name) / PROBES_CSV
     with locked(lock_path(path, "merge"), f"updating {PROBES_CSV}"):  # notebooks 04 run by hand side by side
@@ -288,6 +280,24 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
         merged = df if keep is None else pd.concat([keep[~keep["variant"].isin(names)], df], ignore_index=True)
         write_csv_atomic(merged.sort_values(["variant", "layer", "seed"]).reset_index(drop=True), path)
     return df
+
+
+_TOKENS: dict[tuple[str, ProbeConfig, int], ProbeTokens] = {}  # per process: each layer's probe tokens, loaded once
+
+
+def _score_run(job: tuple[Config, str, float]) -> dict[str, object]:
+    """probes.csv's row of one run (module level, so that a worker process can run it): `score_sae` on one
+    torch thread, on its layer's probe tokens."""
+    cfg, folder, acc_raw = job
+    torch.set_num_threads(1)
+    info = checkpoint.read_info(Path(folder))
+    store = open_layer_stores(cfg, "val")[info["layer"]]
+    key = (str(store.path), cfg.probe, cfg.sae.buckets)
+    if key not in _TOKENS:
+        _TOKENS[key] = probe_tokens(store, cfg.probe, cfg.sae.buckets)
+    sae = checkpoint.load_sae(Path(folder), models.resolve_device(cfg.model.device))
+    return {"variant": info["variant"], "layer": info["layer"], "seed": info["seed"],
+            **score_sae(sae, _TOKENS[key], cfg.sae.buckets, cfg.probe), "acc_raw": acc_raw}
 
 
 def positional_feature_counts(features: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
