@@ -18,15 +18,15 @@ trained with (the store's `pos`, which is the position in the sequence). Losses 
 made at positions 1..L-2, of the tokens at 2..L-1: the stored positions that have a next token (position 0's
 prediction sees only BOS, which no pass changes).
 
-How it runs. One full forward per batch of sequences (the clean pass) records each configured layer's output
-and how the model called every decoder block (its positional and keyword arguments: attention masks and
-rotary embeddings, which in Gemma 3 differ between local and global blocks), stopping before the unembedding.
-A spliced or ablated pass then calls only the blocks above its layer with those same arguments, the model's
-final norm and its unembedding (with Gemma 2's final logit soft-capping where the config has it; Gemma 3
-270M has none, and ties the unembedding to the embedding). The clean pass checks that this tail reproduces
-the model's own logits, and that every layer's output is what the validation store holds for those tokens.
-Forwards run in the dtype the store was captured in; log-softmax and KL in float32, `TOKEN_CHUNK` tokens at a
-time, so the [tokens, vocabulary] logits (262,144 wide in Gemma 3) never exist whole.
+How it runs. One forward per batch of sequences (the clean pass) records the layer's output and how the model
+called every decoder block above it (positional and keyword arguments: attention masks and rotary embeddings,
+which in Gemma 3 differ between its local and global blocks), and stops before the unembedding. A spliced or
+ablated pass calls only the blocks above the layer, with those same arguments, then the model's final norm and
+unembedding (and Gemma 2's final logit soft-capping where the config sets it; Gemma 3 270M has none and ties
+the unembedding to the embedding). `model_tail` checks once that this tail reproduces the model's own logits,
+and each clean pass that the layer's output is what the validation store holds for those tokens. Forwards run
+in the dtype the stores were captured in, losses in float32 over blocks of the vocabulary (`token_losses`), so
+the [tokens, vocabulary] logits (262,144 wide in Gemma 3) never exist whole.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ BY_POSITION_COLUMNS = RUN_KEYS + ["bucket", "ce_clean", "ce_zero", "ce_spliced",
                                   "tokens"]
 TOKEN_CHUNK, VOCAB_BLOCK = 32, 1024  # the losses go 32 tokens x 1,024 logits of every pass at a time (see `token_losses`)
 # Relative error ‖h − stored‖ / ‖stored‖ of a layer's output against the validation store above which the tokens or
-# the model are not those of the capture. (Measured: 0 on the default config, whose stores are bit-identical.)
-STORE_TOLERANCE = 1e-2
+# the model are not those of the capture. A bfloat16 forward of another batch size rounds otherwise: 0.3%, 0.4%
+# and 0.6% at layers 3, 8 and 13 of the default config for 4 sequences against capture's 16.
+STORE_TOLERANCE = 5e-2
 # Largest logit difference, relative to the largest logit, between the model's own logits and the tail's.
 TAIL_TOLERANCE = 1e-2
 
