@@ -27,6 +27,18 @@ the unembedding to the embedding). `model_tail` checks once that this tail repro
 and each clean pass that the layer's output is what the validation store holds for those tokens. Forwards run
 in the dtype the stores were captured in, losses in float32 over blocks of the vocabulary (`token_losses`), so
 the [tokens, vocabulary] logits (262,144 wide in Gemma 3) never exist whole.
+
+Cost, on the default config (60 runs, Gemma 3 270M in bfloat16, this 2-core CPU) with the default 4 sequences
+(504 predictions per pass): 62-71 s of CPU. The losses take ~42 s of it (per token and pass on one core, ~0.6 ms
+for the unembedding's 640 x 262,144 matmul and ~0.5 ms for the float32 log-sum-exp and KL), the blocks above the
+layers ~14 s (a pass from layer 3: 0.27 s, from 8: 0.18 s, from 13: 0.08 s), both shared by two workers; a clean
+pass 0.5 s, loading the model 4-8 s. Wall time: 39 s measured with the machine otherwise idle, 55-67 s with other
+processes on it; each further sequence adds ~12 s of CPU (~6 s of wall). The memory peak is the model's load
+(2.2 GB); the measurement adds under 0.1 GB.
+
+Standard errors of that sample (by sequence, estimated from 32): 0.01-0.03 on a run's CE score and 0.1-0.2 nats
+on its KL, the text's variation; 0.002-0.01 on the difference between two runs of one layer, which see the same
+tokens (the two seeds of one variant differ by 0.002-0.02).
 """
 
 from __future__ import annotations
@@ -247,7 +259,7 @@ def token_losses(tail: Tail, clean_ND: torch.Tensor, finals: list[torch.Tensor],
         CE = lse − z[target]        KL(p_c ‖ p_r) = Σ_v p_c,v (z_c,v − z_r,v) + lse_r − lse_c
 
     both accumulated over blocks of `vocab_block` logits with a running maximum (as an online softmax does), for
-    `chunk` tokens of every pass at once: one matmul per block, and float32 work on tiles that stay in cache.
+    `chunk` tokens of every pass at once: one matmul per block, and float32 work on tiles of a few MB.
     Logits are computed in the forward dtype (`logits`), everything after in float32.
     """
     N, R = len(targets_N), len(finals)
