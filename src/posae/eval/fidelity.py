@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -68,10 +69,10 @@ RUN_KEYS = ["variant", "layer", "seed"]
 COLUMNS = RUN_KEYS + ["ce_clean", "ce_zero", "ce_spliced", "ce_score", "kl_spliced", "kl_zero", "tokens", "sequences"]
 BY_POSITION_COLUMNS = RUN_KEYS + ["bucket", "ce_clean", "ce_zero", "ce_spliced", "ce_score", "kl_spliced", "kl_zero",
                                   "tokens"]
-TOKEN_CHUNK, VOCAB_BLOCK = 32, 1024  # the losses go 32 tokens x 1,024 logits of every pass at a time (see `token_losses`)
-# Relative error ‖h − stored‖ / ‖stored‖ of a layer's output against the validation store above which the tokens or
-# the model are not those of the capture. A bfloat16 forward of another batch size rounds otherwise: 0.3%, 0.4%
-# and 0.6% at layers 3, 8 and 13 of the default config for 4 sequences against capture's 16.
+TOKEN_CHUNK, VOCAB_BLOCK = 32, 1024  # losses: 32 tokens x 1,024 logits of every pass at a time (`token_losses`)
+# Relative error ‖h − stored‖ / ‖stored‖ of a layer's output against the validation store above which the
+# tokens or the model are not those of the capture. A bfloat16 forward of another batch size rounds otherwise:
+# 0.3%, 0.4% and 0.6% at layers 3, 8 and 13 of the default config for 4 sequences against capture's 16.
 STORE_TOLERANCE = 5e-2
 # Largest logit difference, relative to the largest logit, between the model's own logits and the tail's.
 TAIL_TOLERANCE = 1e-2
@@ -250,7 +251,8 @@ def sae_replacement(sae: SAE, store: ActivationStore) -> Replacement:
 
 @torch.inference_mode()
 def token_losses(tail: Tail, clean_ND: torch.Tensor, finals: list[torch.Tensor], targets_N: torch.Tensor,
-                 chunk: int = TOKEN_CHUNK, vocab_block: int = VOCAB_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 chunk: int = TOKEN_CHUNK, vocab_block: int = VOCAB_BLOCK
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token CE of the clean predictions [N], and CE and KL(clean ‖ other) of each of `finals` [R, N].
 
     `clean_ND` and `finals` are final-norm outputs (`clean_pass`, `run_from`). With z the logits (of the clean
@@ -375,7 +377,7 @@ def measure(loaded: models.Loaded, ids_SL: torch.Tensor, layer: int, replacement
             if store is not None:
                 check_against_store(store, cp.hidden[layer], rows_SP[s:s + batch_size])
             clean.append(cp.final_BLD[:, 1:L - 1])
-            for key, final in zip(replacements, pool.map(lambda replace: spliced(cp, replace), replacements.values())):
+            for key, final in zip(replacements, pool.map(functools.partial(spliced, cp), replacements.values())):
                 finals[key].append(final)
         D = clean[0].shape[-1]
         clean_ND = torch.cat(clean).reshape(-1, D)
