@@ -82,7 +82,7 @@ def reference_logits(loaded, ids_BL, layer, replace):
 @pytest.mark.parametrize("architecture", RANDOM_ARCHITECTURES)
 def test_running_the_blocks_above_a_layer_equals_the_full_forward_with_a_replacing_hook(architecture):
     loaded = random_loaded(architecture, sharpen=50.0)
-    check_run_from(loaded, layers=(0, 2))
+    check_run_from(loaded, layers=(0, 3))  # the first block and the last, above which only the final norm runs
 
 
 def test_local_and_global_blocks_each_get_their_own_mask_and_rotary_embedding():
@@ -174,6 +174,21 @@ def test_the_original_activation_scores_one_zero_scores_zero_and_noise_in_betwee
     (small, kl_small), (big, kl_big) = score_and_kl(tl, "small noise"), score_and_kl(tl, "big noise")
     assert 0.0 < big < small < 1.0
     assert 0.0 < kl_small < kl_big < score_and_kl(tl, "zero")[1]
+
+
+def test_measured_losses_are_those_of_the_full_forward_with_a_replacing_hook(sharp):
+    loaded, ids = sharp
+    tl = fid.measure(loaded, ids, 1, {"noise": noise(0.5)}, batch_size=6)
+    with torch.inference_mode():
+        clean = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    ref = reference_logits(loaded, ids, 1, noise(0.5))
+    # Predictions at positions 1..L-2 of the tokens at 2..L-1, sequence by sequence.
+    logp, logq = (torch.log_softmax(z[:, 1:-1].double(), -1).flatten(0, 1) for z in (clean, ref))
+    targets = ids[:, 2:].reshape(-1, 1)
+    np.testing.assert_allclose(tl.ce_clean_N, -logp.gather(1, targets)[:, 0], atol=1e-4)
+    np.testing.assert_allclose(tl.ce["noise"], -logq.gather(1, targets)[:, 0], atol=1e-4)
+    np.testing.assert_allclose(tl.kl["noise"], (logp.exp() * (logp - logq)).sum(-1), atol=1e-4)
+    assert tl.pos_N.tolist() == list(range(1, ids.shape[1] - 1)) * len(ids)
 
 
 def test_bos_keeps_its_activation_and_the_replacement_never_sees_it(sharp):
