@@ -43,6 +43,7 @@ from posae.checks import load_config
 from posae.config import Config, ConfigError, TrainConfig, check_parameter, to_dict
 from posae.data import models
 from posae.data.store import ActivationStore, open_layer_stores, reason
+from posae.optim import AdamW
 from posae.paths import clean_stale_temps, lock_path, locked, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
 
@@ -80,7 +81,7 @@ class TrainState:
     """Everything that changes during a run; a checkpoint saves all of it."""
 
     sae: SAE
-    opt: torch.optim.Optimizer
+    opt: AdamW
     since_fired_K: Tensor  # optimizer steps since each feature last fired in a training batch
     resampled_K: Tensor  # features resampled at least once
     step: int = 0
@@ -162,10 +163,10 @@ def start(cfg: Config, variant: str, seed: int, store: ActivationStore,
                       resampled_K=torch.zeros(sae.k, dtype=torch.bool, device=device))
 
 
-def make_optimizer(sae: SAE, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    # fused: one kernel for all parameters; the moments stay fp32 like the master weights.
-    return torch.optim.AdamW(sae.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay,
-                             fused=True)
+def make_optimizer(sae: SAE, tcfg: TrainConfig) -> AdamW:
+    # torch's fused AdamW kernel (one kernel for all parameters; fp32 moments like the master weights),
+    # called without torch.optim, whose import of the compiler costs seconds per process (posae.optim).
+    return AdamW(sae.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
 
 
 def train_step(state: TrainState, store: ActivationStore, cfg: Config, seed: int, dtype: torch.dtype | None,
