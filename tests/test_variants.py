@@ -201,8 +201,11 @@ def resample_problems(name: str, feature_params=None) -> list[str]:
         for axis, features in axes:
             local = torch.tensor([j - features.start for j in DEAD.tolist() if j in features])
             live = torch.tensor([j for j in range(len(features)) if j not in local.tolist()])
-            if not torch.equal(now.index_select(axis, live), was.index_select(axis, live)) or any(
-                    not torch.equal(m_now[k].index_select(axis, live), m_was[k].index_select(axis, live)) for k in MOMENTS):
+            def live_slice(t):
+                return t.index_select(axis, live)
+
+            if not torch.equal(live_slice(now), live_slice(was)) or any(
+                    not torch.equal(live_slice(m_now[k]), live_slice(m_was[k])) for k in MOMENTS):
                 problems.append(f"{n}: a live feature's slice changed")
             if any(bool(m_now[k].index_select(axis, local).ne(0).any()) for k in MOMENTS):
                 problems.append(f"{n}: a revived feature's AdamW moments are not zero")
@@ -244,7 +247,8 @@ def test_the_resampling_check_flags_a_parameter_left_out():
 
 
 def test_hierarchical_unweighted_is_hierarchical_without_the_loss_weights(default_cfg):
-    weighted, unweighted = variant_config(default_cfg, "hierarchical"), variant_config(default_cfg, "hierarchical_unweighted")
+    weighted = variant_config(default_cfg, "hierarchical")
+    unweighted = variant_config(default_cfg, "hierarchical_unweighted")
     assert weighted.train.position_weighted and not unweighted.train.position_weighted
     assert dataclasses.replace(unweighted.train, position_weighted=True) == weighted.train
     assert unweighted.sae == weighted.sae
