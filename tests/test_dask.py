@@ -66,7 +66,7 @@ def test_activation_stores_are_identical(dask_products):
 def test_sae_weights_are_identical(dask_products):
     (local, _), (dask, _) = dask_products["local"], dask_products["dask"]
     a, b = _files(local, "saes/*/*/*/weights.safetensors"), _files(dask, "saes/*/*/*/weights.safetensors")
-    assert len(a) == 40  # 10 variants x 2 layers x 2 seeds
+    assert len(a) == 44  # 11 variants x 2 layers x 2 seeds
     assert _same_files(a, b) == []
 
 

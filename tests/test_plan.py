@@ -66,7 +66,7 @@ def test_smoke_model_and_capture_flops_by_hand(smoke_plan):
 
 def test_paper_tokens_steps_and_store_bytes_by_hand(paper_plan):
     # params/paper.yaml: gemma-2-2b (d = 2304), layers 5/12/19, 1,000 + 10,000 sequences of 128 tokens,
-    # BOS excluded; 100,000 steps of 256 tokens x 8 micro-batches; 10 variants x 3 layers x 2 seeds.
+    # BOS excluded; 100,000 steps of 256 tokens x 8 micro-batches; 11 variants x 3 layers x 2 seeds.
     p = paper_plan
     assert p.d_model == 2304 and p.n_layers == 26 and p.layers == (5, 12, 19)
     assert p.forward_tokens == 11_000 * 128 == 1_408_000

@@ -11,7 +11,7 @@ from posae import checkpoint, train
 from posae.config import Config, ConfigError, SAEConfig, TrainConfig
 from posae.data.store import file_record, write_store
 from posae.paths import activations_dir
-from posae.saes import REGISTRY, variant_config
+from posae.saes import REGISTRY, build, variant_config
 from posae.train import ReconLoss, batch_indices, l1_at, lr_at, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +98,17 @@ def test_schedules_are_functions_of_the_step():
     assert lr_at(0, tcfg) == pytest.approx(0.1) and lr_at(50, tcfg) == 1.0 and lr_at(99, tcfg) == pytest.approx(0.05)
     assert l1_at(49, tcfg) == pytest.approx(1.0) and l1_at(24, tcfg) == pytest.approx(0.5)
     assert lr_at(7, TrainConfig(lr=3e-4, lr_warmup=0.0, lr_decay=0.0)) == 3e-4
+
+
+def test_lr_budget_is_the_sum_of_the_schedule_by_hand():
+    # 10 steps, warm-up over 2, decay over the last 3: factors 0.5, 1 (steps 1..7), 2/3, 1/3.
+    tcfg = TrainConfig(steps=10, lr=0.01, lr_warmup=0.2, lr_decay=0.3)
+    assert [lr_at(s, tcfg) / 0.01 for s in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3])
+    assert train.lr_budget(tcfg) == pytest.approx(0.01 * (0.5 + 7 + 2 / 3 + 1 / 3)) == 0.085
+    assert train.lr_budget(TrainConfig(steps=7, lr=3e-4, lr_warmup=0.0, lr_decay=0.0)) == pytest.approx(7 * 3e-4)
+    # The default run: 300 steps at 2e-3, warm-up 15, decay 90: (8 + 196 + 44.5) x 2e-3 ≈ 0.5.
+    default = TrainConfig(steps=300, lr=2e-3, lr_warmup=0.05, lr_decay=0.3)
+    assert train.lr_budget(default) == pytest.approx(248.5 * 2e-3)
 
 
 def test_batches_cover_each_epoch_once_and_depend_on_the_seed():
@@ -268,6 +279,42 @@ def test_metrics_have_namespaced_keys(store, tmp_path):
     assert want <= set(lines[-1])
 
 
+def test_the_final_record_holds_the_step_budget_and_each_tables_movement(store, tmp_path):
+    cfg = cfg_for("multiscale", steps=10)
+    out = train_run(cfg, "multiscale", 0, 0, store, progress=False, out=tmp_path / "r")
+    lines = checkpoint.read_metrics(out)
+    assert not any(k.startswith(("budget/", "tables/")) for line in lines[:-1] for k in line)
+    last = lines[-1]
+    assert last["budget/lr_sum"] == pytest.approx(train.lr_budget(cfg.train)) == pytest.approx(10 * 1e-2)
+    sae, initial = checkpoint.load_sae(out), build("multiscale", D, cfg.sae, L, seed=0)
+    names = ["pos_embed_s1", "pos_embed_s4", "pos_embed_s16", "gate_logits"]
+    assert sorted(sae.position_tables()) == sorted(names)
+    for name in names:
+        now, start = sae.position_tables()[name].detach(), initial.position_tables()[name].detach()
+        change = (now - start).abs()
+        assert last[f"tables/{name}/mean"] == pytest.approx(float(now.mean()))
+        assert last[f"tables/{name}/std"] == pytest.approx(float(now.std()))
+        assert last[f"tables/{name}/max_abs_change"] == pytest.approx(float(change.max()))
+        assert last[f"tables/{name}/mean_abs_change"] == pytest.approx(float(change.mean()))
+        assert 0 < last[f"tables/{name}/max_abs_change"]
+    baseline = train_run(cfg_for("baseline", steps=10), "baseline", 0, 0, store, progress=False, out=tmp_path / "b")
+    assert not any(k.startswith("tables/") for k in checkpoint.read_metrics(baseline)[-1])  # no table, no key
+
+
+def test_table_movement_finds_a_planted_move_and_no_other():
+    sae = build("soft_masking", D, SAE_CFG, L, seed=0)
+    initial = build("soft_masking", D, SAE_CFG, L, seed=0)
+    assert train.table_movement(sae, initial)["tables/mask_logits/max_abs_change"] == 0.0  # nothing moved
+    with torch.no_grad():
+        sae.mask_logits_TP[3, 5] += 0.25
+        sae.W_enc_DK += 1.0  # not a per-position table: not reported
+    moved = train.table_movement(sae, initial)
+    assert set(moved) == {f"tables/mask_logits/{k}" for k in ("mean", "std", "max_abs_change", "mean_abs_change")}
+    assert moved["tables/mask_logits/max_abs_change"] == pytest.approx(0.25)
+    assert moved["tables/mask_logits/mean_abs_change"] == pytest.approx(0.25 / sae.mask_logits_TP.numel())
+    assert moved["tables/mask_logits/mean"] == pytest.approx(0.25 / sae.mask_logits_TP.numel())
+
+
 def test_finished_run_is_skipped_and_a_changed_config_retrains(store, tmp_path):
     cfg = cfg_for("baseline", steps=10)
     out = train_run(cfg, "baseline", 0, 0, store, progress=False, out=tmp_path / "r")
@@ -292,9 +339,9 @@ def test_resampling_revives_planted_dead_features(store):
         revived += train.maybe_resample(state, stats, cfg.train, 0)
     assert revived >= len(dead) and bool(state.resampled_K[dead].all())
     assert (state.sae.b_enc_K.detach()[dead] == 0).all()
-    for name, axis in state.sae.feature_params():
-        moments = state.opt.state[getattr(state.sae, name)]["exp_avg"]
-        assert (moments.index_select(axis, dead) == 0).all()
+    for name, axis, features in state.sae.feature_params():
+        moments = state.opt.state[state.sae.get_parameter(name)]["exp_avg"]
+        assert (moments.index_select(axis, dead - features.start) == 0).all()
     x_BD = store.normalised(np.arange(len(store)))
     pos_B = torch.from_numpy(store.pos_N.astype(np.int64))
     fired_K = (state.sae.encode(x_BD, pos_B) > 0).any(0)

@@ -2,7 +2,7 @@
 
 `train_variant` trains one variant on every configured layer and seed; each (layer, seed) is one
 run, read as a story in `train_run`: resume or start, then `train_step`, `maybe_resample`,
-`maybe_log` and `maybe_checkpoint` until the last step, then a final checkpoint.
+`maybe_log` and `maybe_checkpoint` until the last step, then `record_budget` and a final checkpoint.
 
 The objective is eq. 7 as written (docs/decisions.md §9): the mean over tokens of w_t · ‖x_t − x̂_t‖₂ (the
 unsquared norm; ``train.recon_loss: squared`` squares it), w_t = 1 + t/L normalised to mean 1 in
@@ -22,6 +22,7 @@ moments, dead-feature counters).
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import hashlib
@@ -84,6 +85,10 @@ class TrainState:
     opt: AdamW
     since_fired_K: Tensor  # optimizer steps since each feature last fired in a training batch
     resampled_K: Tensor  # features resampled at least once
+    # The SAE as built, before any step: what resampling resets a revived feature's parameters to, and
+    # what `record_budget` measures the tables' movement from. A function of the seed, so a resumed run
+    # rebuilds it (`start`) and the checkpoint need not carry it.
+    initial: SAE
     step: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
@@ -146,6 +151,7 @@ def _train_run(cfg: Config, variant: str, layer: int, seed: int, store: Activati
             maybe_resample(state, stats, tcfg, seed)
             maybe_log(state, stats, tcfg, tokens_per_step, clock, bar)
             maybe_checkpoint(state, out, info, store, tcfg)
+    record_budget(state, tcfg)
     elapsed = time.perf_counter() - clock["start"]
     info["train_seconds"] = info.get("train_seconds", 0.0) + elapsed
     info["tokens_per_s"] = (state.step - clock["start_step"]) * tokens_per_step / max(elapsed, 1e-9)
@@ -160,7 +166,8 @@ def start(cfg: Config, variant: str, seed: int, store: ActivationStore,
     sae.train()
     return TrainState(sae=sae, opt=make_optimizer(sae, cfg.train),
                       since_fired_K=torch.zeros(sae.k, dtype=torch.long, device=device),
-                      resampled_K=torch.zeros(sae.k, dtype=torch.bool, device=device))
+                      resampled_K=torch.zeros(sae.k, dtype=torch.bool, device=device),
+                      initial=copy.deepcopy(sae).requires_grad_(False))
 
 
 def make_optimizer(sae: SAE, tcfg: TrainConfig) -> AdamW:
@@ -288,6 +295,17 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     return tcfg.lr * factor
 
 
+def lr_budget(tcfg: TrainConfig) -> float:
+    """Σ_t lr_t over the run's optimizer steps: how far AdamW can move one parameter element.
+
+    Adam's update is lr · m̂/(√v̂ + ε), and |m̂/√v̂| is about 1 at most while gradients keep their sign
+    (exactly 1 on the first step), so no element of a learned table can be expected to travel
+    much further than this (docs/decisions.md, "Variants as the design reads"). A function of the
+    training config alone; gradient accumulation does not change it (one optimizer step per step).
+    """
+    return math.fsum(lr_at(step, tcfg) for step in range(tcfg.steps))
+
+
 def l1_at(step: int, tcfg: TrainConfig) -> float:
     """λ1 · l1_scale, ramped linearly from 0 over the first l1_warmup of the run."""
     warm = tcfg.l1_warmup * tcfg.steps
@@ -342,13 +360,17 @@ def autocast_dtype(tcfg: TrainConfig, device: torch.device | str = "cpu") -> tor
 def maybe_resample(state: TrainState, stats: StepStats, tcfg: TrainConfig, seed: int) -> int:
     """Count steps since each feature fired; resample those inactive for more than the threshold.
 
-    Revived features point at high-loss inputs (tokens drawn with probability ∝ squared error):
-    decoder row = the direction of that token's residual x − x̂, encoder column = the same times
-    0.2 × the mean norm of the live encoder columns, bias 0; their AdamW moments restart at zero.
-    This is Anthropic's 2023 recipe with the residual in place of the input: on Gemma's residual
-    stream, inputs share one massive dimension, so input-direction features all fired together on
-    half the tokens and training diverged (calibration, lr 3e-3); residuals add what is missing.
-    The draw is seeded by (seed, step), so a resumed run resamples exactly as an uninterrupted one.
+    A revived feature's slice of every per-feature parameter (`SAE.feature_params`: gate or mask
+    logits, attention-routing output columns, encoder bias, ...) goes back to its initial value, and
+    the AdamW moments (exp_avg, exp_avg_sq) of exactly those slices to zero; the rest of the model
+    and every live feature are left as they are. The encoder and decoder then point at high-loss
+    inputs (tokens drawn with probability ∝ squared error): decoder row = the direction of that
+    token's residual x − x̂, encoder column = the same times 0.2 × the mean norm of the live encoder
+    columns. This is Anthropic's 2023 recipe with the residual in place of the input: on Gemma's
+    residual stream, inputs share one massive dimension, so input-direction features all fired
+    together on half the tokens and training diverged (calibration, lr 3e-3); residuals add what is
+    missing. The draw is seeded by (seed, step), so a resumed run resamples exactly as an
+    uninterrupted one.
     """
     state.since_fired_K += 1
     state.since_fired_K[stats.fired_K] = 0
@@ -368,17 +390,55 @@ def maybe_resample(state: TrainState, stats: StepStats, tcfg: TrainConfig, seed:
     sae = state.sae
     alive = ~dead_K
     enc_norm = float(sae.W_enc_DK[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
-    sae.W_dec_KD[dead_idx] = dirs_ND
-    sae.W_enc_DK[:, dead_idx] = dirs_ND.T * (0.2 * enc_norm)
-    sae.b_enc_K[dead_idx] = 0.0
-    for name, axis in sae.feature_params():
-        moments = state.opt.state.get(getattr(sae, name), {})
+    for name, axis, features in sae.feature_params():
+        local = dead_idx[(dead_idx >= features.start) & (dead_idx < features.stop)] - features.start
+        if local.numel() == 0:
+            continue
+        param = sae.get_parameter(name)
+        param.index_copy_(axis, local, state.initial.get_parameter(name).index_select(axis, local))
+        moments = state.opt.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in moments:
-                moments[key].index_fill_(axis, dead_idx, 0.0)
+                moments[key].index_fill_(axis, local, 0.0)
+    sae.W_dec_KD[dead_idx] = dirs_ND
+    sae.W_enc_DK[:, dead_idx] = dirs_ND.T * (0.2 * enc_norm)
     state.since_fired_K[dead_idx] = 0
     state.resampled_K |= dead_K
     return n_dead
+
+
+# --------------------------------------------------------------------------- the step budget
+
+
+@torch.no_grad()
+def table_movement(sae: SAE, initial: SAE) -> dict[str, float]:
+    """Each learned per-position table (`SAE.position_tables`) now and against its initial value.
+
+    Keys ``tables/<name>/mean`` and ``/std`` (of the table's values), ``/max_abs_change`` and
+    ``/mean_abs_change`` (of |now − initial| over its elements); {} for a variant without tables.
+    """
+    out = {}
+    start = initial.position_tables()
+    for name, table in sae.position_tables().items():
+        now = table.detach().float()
+        change = (now - start[name].detach().float().to(now.device)).abs()
+        out.update({f"tables/{name}/mean": float(now.mean()), f"tables/{name}/std": float(now.std()),
+                    f"tables/{name}/max_abs_change": float(change.max()),
+                    f"tables/{name}/mean_abs_change": float(change.mean())})
+    return out
+
+
+def record_budget(state: TrainState, tcfg: TrainConfig) -> None:
+    """Add the step budget and the tables' movement to the run's final metrics record.
+
+    ``budget/lr_sum`` is `lr_budget` (Σ_t lr_t, the most AdamW can move one element in this run);
+    the ``tables/...`` keys are `table_movement`. A table whose max_abs_change is near the budget
+    was still moving when the run ended: where it would have settled cannot be judged from this run.
+    """
+    last = state.metrics[-1]
+    if last["step"] != state.step:  # the last step is always logged (`is_log_step`)
+        raise RuntimeError(f"the final metrics record is of step {last['step']}, not the last step {state.step}")
+    last.update({"budget/lr_sum": lr_budget(tcfg), **table_movement(state.sae, state.initial)})
 
 
 # --------------------------------------------------------------------------- logging

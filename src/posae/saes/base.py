@@ -120,6 +120,15 @@ class SAE(nn.Module):
         """Scalars worth logging during training (gate or mask means); keys without a namespace."""
         return {}
 
+    def position_tables(self) -> dict[str, Tensor]:
+        """The learned per-position tables by a short name (gate logits G, mask logits M, position
+        embedding p_t): what the end of a run reports against its step budget (`posae.train.table_movement`).
+
+        Each is a parameter itself (rows indexed by position, or by a coarser position), not a table
+        derived from several, so its movement is bounded by the run's Σ lr_t element by element.
+        """
+        return {}
+
     # ------------------------------------------------------------------ building blocks
 
     def pre_acts(self, x_BD: Tensor, W_DK: Tensor | None = None) -> Tensor:
@@ -133,9 +142,15 @@ class SAE(nn.Module):
         W_DK = self.W_enc_DK.to(x_BD.dtype) if W_DK is None else W_DK
         return _PreActs.apply(x_BD, W_DK, self.W_enc_DK, self.b_enc_K, self.b_dec_D)
 
-    def feature_params(self) -> list[tuple[str, int]]:
-        """(parameter name, feature axis) of every per-feature parameter, for resampling."""
-        return [("W_enc_DK", 1), ("b_enc_K", 0), ("W_dec_KD", 0)]
+    def feature_params(self) -> list[tuple[str, int, range]]:
+        """(parameter name, feature axis, the features that axis indexes) of every per-feature parameter.
+
+        Resampling (`posae.train.maybe_resample`) rewrites a revived feature's slice of each and zeroes
+        the AdamW moments of exactly that slice. A parameter of the position group alone (a gate
+        table [T, P]) names `range(n_global, k)`: its index j on the axis is feature n_global + j.
+        """
+        every = range(self.k)
+        return [("W_enc_DK", 1, every), ("b_enc_K", 0, every), ("W_dec_KD", 0, every)]
 
     @torch.no_grad()
     def normalise_decoder_(self) -> None:

@@ -26,27 +26,34 @@ class HierarchicalOptions:
 class Hierarchical(GroupedSAE):
     """f = [f_g ; g_t ⊙ ReLU(f_p + α_t)], x̂ = W_d f + b_d (eqs. 2–6), trained with w_t = 1 + t/L (eq. 7).
 
-    Readings of the ambiguous parts (docs/decisions.md §9):
+    Readings of the ambiguous parts (docs/decisions.md, "Variants as the design reads"):
 
     - eq. 2–3: f_g = ReLU(W_g (x − b_d) + b_g), f_p = ReLU(W_p (x − b_d + p_t) + b_p), with
       [W_g; W_p] one [D, K] encoder. W_p p_t is a [T, P] table computed once per step, so the
       position embedding costs no per-token matmul.
-    - eq. 4 α_t: multi-head attention whose queries come from the token ((x − b_d) W_q, H heads of width E),
-      whose keys and values come from the learned position table (p W_k, p W_v, all T positions,
-      no causal mask), scaled by 1/√E, the heads' outputs projected to the P position features.
-      The paper's √d is read as the head width, as in any multi-head attention.
+    - eq. 4 α_t: multi-head attention whose queries come from the token together with its position,
+      (x − b_d + p_t) W_q (H heads of width E), and whose keys and values come from the learned
+      position table (p W_k, p W_v, all T positions, no causal mask); scores scaled by 1/√E, the
+      heads' outputs projected to the P position features by W_o. So α_t depends on t as well as on
+      the token ("position-specific attention weights"); with queries from x alone it would be a
+      function of the token only. The paper's √d is read as the head width, as in any multi-head
+      attention. (x − b_d + p_t) W_q = x W_q + [(p − b_d) W_q][t]: the [T, H·E] part is computed
+      once per step and gathered, so the position costs the queries no second per-token matmul.
     - eq. 4 gate: w_t is read as a learned table, g_t = σ(G[t]) with G ∈ R^{T×P} initialised to
-      0 (g = 0.5); the loss weight of eq. 7 is the separate fixed 1 + t/L (``train.position_weighted``).
+      ``gate_init`` (0: g = 0.5); the loss weight of eq. 7 is the separate fixed 1 + t/L
+      (``train.position_weighted``).
     - eq. 5: f_p + α_t can be negative, so ReLU(f_p + α_t) keeps features non-negative.
 
     The intermediate designs the paper tried on the way are subclasses that switch parts off:
-    attention_routing (no gate), residual (no attention, no gate, p_t added to x̂).
+    attention_routing (no gate), residual (no attention, no gate, the position table added to x̂
+    instead of to the encoder's input).
     """
 
     Options = HierarchicalOptions
     use_attention: ClassVar[bool] = True
     use_gate: ClassVar[bool] = True
-    position_residual: ClassVar[bool] = False  # add p_t to the reconstruction (the residual variant)
+    # The position table r_t goes to the reconstruction instead of the position features' input (residual).
+    position_residual: ClassVar[bool] = False
 
     def __init__(self, d_model, sae_cfg, seq_len, options, generator):
         super().__init__(d_model, sae_cfg, seq_len, options, generator)
@@ -86,13 +93,16 @@ class Hierarchical(GroupedSAE):
         W_DK = self.W_enc_DK.to(x_BD.dtype)
         pre_g_BG, pre_p_BP = self.split(self.pre_acts(x_BD, W_DK))
         p_TD = self.position_table()
-        # W_p p_t through the whole encoder, then split: the extra [T, G] columns cost little, and the
-        # product reuses the encoder's cast, where a slice of the fp32 weight would be cast again and
-        # its gradient scattered into a zero fp32 [D, K] tensor before being added.
-        _, Wp_p_TP = self.split(p_TD @ W_DK)
-        f_p_BP = torch.relu(pre_p_BP + Wp_p_TP.index_select(0, pos_B))
+        if self.position_residual:
+            f_p_BP = torch.relu(pre_p_BP)  # they see x − b_d: r_t reaches x̂ once, in `decode`
+        else:
+            # W_p p_t through the whole encoder, then split: the extra [T, G] columns cost little, and the
+            # product reuses the encoder's cast, where a slice of the fp32 weight would be cast again and
+            # its gradient scattered into a zero fp32 [D, K] tensor before being added.
+            _, Wp_p_TP = self.split(p_TD @ W_DK)
+            f_p_BP = torch.relu(pre_p_BP + Wp_p_TP.index_select(0, pos_B))
         if self.use_attention:
-            f_p_BP = torch.relu(f_p_BP + self.route(x_BD, p_TD))
+            f_p_BP = torch.relu(f_p_BP + self.route(x_BD, pos_B, p_TD))
         if self.use_gate:
             f_p_BP = f_p_BP * self.gates(pos_B, f_p_BP.dtype)
         return torch.relu(pre_g_BG), f_p_BP
@@ -103,14 +113,16 @@ class Hierarchical(GroupedSAE):
             x_hat_BD = x_hat_BD + self.position_table().to(x_hat_BD.dtype).index_select(0, pos_B)
         return x_hat_BD
 
-    def route(self, x_BD: Tensor, p_TD: Tensor) -> Tensor:
-        """α_t (eq. 4): the token's queries attend over the position table; [B, P]."""
+    def route(self, x_BD: Tensor, pos_B: Tensor, p_TD: Tensor) -> Tensor:
+        """α_t (eq. 4): queries (x − b_d + p_t) W_q attend over the position table; [B, P]."""
         H, E = self.cfg.heads, self.cfg.head_dim
         B, T = x_BD.shape[0], p_TD.shape[0]
-        # Queries read x − b_d like the rest of the encoder (the bias term is an [X] vector, not a [B, D]
-        # pass), and carry the 1/√E of the scores, which saves a pass over the [H, B, T] scores.
+        # The queries' position and bias part, ((p − b_d) W_q) / √E, is a [T, X] table gathered per token:
+        # no [B, D] pass for x − b_d + p_t, and the 1/√E of the scores rides along (no pass over [H, B, T]).
         scale = E**-0.5
-        q_BX = torch.addmm(-vec_mat(self.b_dec_D, self.W_q_DX) * scale, x_BD, self.W_q_DX, alpha=scale)
+        qpos_TX = (p_TD @ self.W_q_DX - vec_mat(self.b_dec_D, self.W_q_DX)) * scale
+        q_BX = torch.addmm(qpos_TX.to(x_BD.dtype).index_select(0, pos_B), x_BD, self.W_q_DX.to(x_BD.dtype),
+                           alpha=scale)
         q_HBE = q_BX.view(B, H, E).transpose(0, 1)
         k_HET = (p_TD @ self.W_k_DX).view(T, H, E).permute(1, 2, 0)
         v_HTE = (p_TD @ self.W_v_DX).view(T, H, E).transpose(0, 1)
@@ -129,3 +141,16 @@ class Hierarchical(GroupedSAE):
         if not self.use_gate:
             return {}
         return {"gate_mean": float(torch.sigmoid(self.gate_logits_TP.detach()).mean())}
+
+    def position_tables(self) -> dict[str, Tensor]:
+        tables = {"pos_embed": self.pos_embed_TD} if hasattr(self, "pos_embed_TD") else {}
+        if self.use_gate:
+            tables["gate_logits"] = self.gate_logits_TP
+        return tables
+
+    def feature_params(self) -> list[tuple[str, int, range]]:
+        # W_q, W_k, W_v and p_t are shared by all features; W_o's columns and G's are the position group's.
+        position = range(self.n_global, self.k)
+        own = [("W_o_XP", 1, position)] if self.use_attention else []
+        own += [("gate_logits_TP", 1, position)] if self.use_gate else []
+        return super().feature_params() + own

@@ -40,3 +40,8 @@ class MultiScale(Hierarchical):
     def position_table(self) -> Tensor:
         t_T = torch.arange(self.seq_len, device=self.W_enc_DK.device)
         return sum(self.pos_embed[f"s{s}"][t_T // s] for s in self.options.scales)
+
+    def position_tables(self) -> dict[str, Tensor]:
+        # Each scale's own table: the bound Σ lr_t holds per parameter, not for their sum p_t.
+        scales = {f"pos_embed_s{s}": self.pos_embed[f"s{s}"] for s in self.options.scales}
+        return {**scales, **super().position_tables()}

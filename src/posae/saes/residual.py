@@ -9,11 +9,14 @@ from posae.saes.hierarchical import Hierarchical
 
 @register("residual")
 class Residual(Hierarchical):
-    """f = [f_g ; f_p] (eqs. 2–3), x̂ = W_d f + b_d + p_t: the position embedding also reaches the
-    reconstruction directly, bypassing the dictionary.
+    """f = [f_g ; f_p] with both halves ReLU(W (x − b_d) + b), x̂ = W_d f + b_d + r_t: a learned
+    per-position vector r_t reaches the reconstruction directly, bypassing the dictionary.
 
-    Reading: the residual path is the cheapest one that type-checks, the same learned p_t ∈ R^D that
-    enters eq. 3 added to x̂. It can absorb each position's mean offset with no feature firing,
+    Reading (docs/decisions.md, "Variants as the design reads"): r_t is a learned table of T
+    vectors in R^D (the parameter ``pos_embed_TD``, initialised like the hierarchical model's p_t),
+    added to x̂. The position features do not also receive it in their input: they see x − b_d, so
+    the position component is carried once, by r_t, and the position group differs from the global
+    one only by its name. The path can absorb each position's mean offset with no feature firing,
     which is how such a path lets position features collapse. No attention, no gate, w_t = 1.
     """
 

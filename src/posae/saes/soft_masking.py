@@ -43,3 +43,9 @@ class SoftMasking(GroupedSAE):
 
     def diagnostics(self) -> dict[str, float]:
         return {"mask_mean": float(torch.sigmoid(self.mask_logits_TP.detach()).mean())}
+
+    def position_tables(self) -> dict[str, Tensor]:
+        return {"mask_logits": self.mask_logits_TP}
+
+    def feature_params(self) -> list[tuple[str, int, range]]:
+        return super().feature_params() + [("mask_logits_TP", 1, range(self.n_global, self.k))]
