@@ -15,8 +15,8 @@ from posae import paths
 from posae.paper import PAPER_TABLE1
 from posae.paths import REPO_ROOT
 from posae.report import figures
-from posae.report.claims import (CANNOT, DIFFERS, HOLDS, VERDICTS, above_null, claims, combine, confidence_interval,
-                                 extremes_verdict, interval_verdict)
+from posae.report.claims import (BUDGET, CANNOT, DIFFERS, HOLDS, VERDICTS, above_null, claims, combine, confidence_interval,
+                                 extremes_verdict, interval_verdict, reachable)
 from posae.report.tables import RunTables, paper_ratio, table1, table1_markdown
 from posae.saes import REGISTRY
 
@@ -55,7 +55,7 @@ def test_table1_markdown_sets_the_paper_beside_ours(smoke_figures):
         assert f"| {column} |" in header
 
 
-def test_every_claim_has_one_of_the_three_verdicts(smoke_figures):
+def test_every_claim_has_one_of_the_verdicts(smoke_figures):
     df = pd.read_csv(smoke_figures / "claims.csv")
     assert set(df["verdict"]) <= set(VERDICTS)
     assert len(df) == 11 and df["reason"].str.len().min() > 10 and df["test"].fillna("").str.len().min() > 3
@@ -136,7 +136,7 @@ def test_paper_ratios_are_those_of_spec_section_9():
 
 
 def make_tables(mse: dict[str, float], l1: float = 0.05, U: float = 0.0, share: float = 0.72,
-                gate: float | None = 0.5, U_x: float = 0.0) -> RunTables:
+                gate: float | None = 0.5, U_x: float = 0.0, budget: float = math.nan) -> RunTables:
     """Two layers × two seeds per variant; MSE per variant (+1% on layer 1), everything else constant but the
     null, which varies by ±0.004 around 0 (so U_x's test has a spread)."""
     rows, probes, fidelity = [], [], []
@@ -153,11 +153,11 @@ def make_tables(mse: dict[str, float], l1: float = 0.05, U: float = 0.0, share: 
                 fidelity.append({"variant": v, "layer": layer, "seed": seed, "ce_score": 0.9, "kl_spliced": 0.1})
     summary = [{"ablation": "global_magnitude_share", "variant": "hierarchical", "mean": share, "std": 0.01,
                 "runs": 4, "start": math.nan},
-               {"ablation": "position_weighting", "variant": "position_weighted", "mean": 0.01, "std": 0.005,
+               {"ablation": "position_weighting", "variant": "hierarchical", "mean": 0.01, "std": 0.005,
                 "runs": 4, "start": math.nan}]
     if gate is not None:
         summary.append({"ablation": "gate_activation", "variant": "hierarchical", "mean": gate, "std": 0.001,
-                        "runs": 4, "start": 0.5})
+                        "runs": 4, "start": 0.5, "budget": budget, "moved": 0.3})
     empty = pd.DataFrame()
     return RunTables(pd.DataFrame(rows), empty, pd.DataFrame(probes), pd.DataFrame(summary), empty, empty, empty,
                      pd.DataFrame(fidelity))
@@ -192,6 +192,25 @@ def test_claims_on_hand_made_numbers():
     assert verdict["resampling affects"] == CANNOT  # not measured
     ratio_reason = df.loc[df.index.str.startswith("MSE relative"), "reason"].item()
     assert "position_masking" in ratio_reason.split(";")[0] and "not measured" in ratio_reason
+
+
+def test_reachable_gate_range_from_its_start_and_the_budget():
+    assert reachable(0.5, 0.0) == (0.5, 0.5)
+    lo, hi = reachable(0.5, 0.497)
+    assert lo == pytest.approx(1 / (1 + math.exp(0.497))) and hi == pytest.approx(1 - lo)
+    assert all(math.isnan(v) for v in reachable(0.5, math.nan))
+
+
+def test_a_gate_claim_beyond_the_budget_cannot_be_judged_and_within_it_is_judged():
+    def gate_row(budget: float, gate: float = 0.5) -> pd.Series:
+        df = claims(make_tables({"baseline": 0.2, "hierarchical": 0.21}, gate=gate, budget=budget))
+        return df.loc[df["claim"].str.startswith("mean gate")].iloc[0]
+
+    short = gate_row(0.497)  # σ(0 ± 0.497) = [0.378, 0.622]: the paper's [0.09, 0.15] is out of reach
+    assert short["verdict"] == BUDGET and "0.378" in short["reason"] and "reach" in short["test"]
+    assert gate_row(5.0)["verdict"] == DIFFERS  # reachable, and 0.5 is outside the paper's interval
+    assert gate_row(5.0, gate=0.12)["verdict"] == HOLDS
+    assert gate_row(math.nan)["verdict"] == DIFFERS  # no budget recorded: judged as before
 
 
 def test_U_zero_is_judged_on_U_x_against_its_null_not_on_the_kept_input_U():

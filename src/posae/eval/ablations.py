@@ -8,8 +8,10 @@ global_magnitude_share     share of Σ‖f‖₁ carried by the global group, va
                            tokens, every variant with learned groups
 gate_activation            mean of the learned gate σ(G) over its [T, P] table at the   0.12 ± 0.03
                            end of training (start beside it), gated variants
-position_weighting         relative change of validation MSE, position_weighted vs      ±2%
-                           baseline, paired by layer and seed
+position_weighting         relative change of validation MSE with the loss weights w_t  ±2%
+                           on vs off, paired by layer and seed: hierarchical vs
+                           hierarchical_unweighted (the paper's pair), and
+                           position_weighted vs baseline (a second pair)
 resampled_fraction         share of features resampled at least once during training    8% ± 2%
 =========================  ===========================================================  ===========
 
@@ -19,6 +21,13 @@ every variant the quantity exists for and mark the paper's row. The gate starts 
 paper's 0.12 is σ(−2), so a gate that never moved from such an initialisation would show it. The
 gate mean is `SAE.diagnostics()` (the whole table, including position 0, which never trains when
 BOS is excluded: it shifts the mean by at most |0.5 − g|/T).
+
+**The budget.** AdamW moves one parameter element by about lr per step at most, so a run's learned
+tables can travel at most Σ_t lr_t from their start (`posae.train.lr_budget`, logged as
+``budget/lr_sum``; ≈ 0.5 for the default 300 steps at 2e-3). The gate rows carry it (``budget``)
+and how far the table actually moved (``moved``, the largest change of any logit,
+``tables/gate_logits/max_abs_change``), so a claim can say when the paper's value lies beyond
+what the run could reach (`posae.report.claims`).
 
 Outputs under runs/<config>/: ablations.csv (one row per ablation and variant) and
 ablations_runs.csv (one row per ablation, variant, layer and seed).
@@ -46,7 +55,8 @@ NOTES = {
     "global_magnitude_share": "Σ‖f_global‖₁ / Σ‖f‖₁ on validation tokens (unit-norm decoder rows: also the share of "
                               "the contributions' norms)",
     "gate_activation": "mean σ(G) over the gate table at the end of training; `start` at initialisation",
-    "position_weighting": "val MSE of position_weighted / baseline − 1, paired by layer and seed",
+    "position_weighting": "val MSE with w_t on / off − 1, paired by layer and seed: hierarchical vs "
+                          "hierarchical_unweighted, and position_weighted vs baseline",
     "resampled_fraction": "features resampled at least once (inactive longer than resample_after × steps)",
     "mask_activation": "beyond the paper: soft masking's learned mask σ(M), like the gate",
 }
@@ -71,8 +81,12 @@ def global_magnitude_share(metrics: pd.DataFrame) -> pd.DataFrame:
                          "value": m["global/magnitude_share"]}).reset_index(drop=True)
 
 
+# The pairs of the position-weighting ablation, (w_t off, w_t on); rows are named by the weighted one.
+WEIGHTING_PAIRS = (("hierarchical_unweighted", "hierarchical"), ("baseline", "position_weighted"))
+
+
 def position_weighting(metrics: pd.DataFrame, base: str = "baseline", weighted: str = "position_weighted") -> pd.DataFrame:
-    """Paired rows (layer, seed present for both): mse_baseline, mse_weighted, value = weighted / baseline − 1."""
+    """Paired rows (layer, seed present for both): mse_baseline (w_t off), mse_weighted, value = weighted / off − 1."""
     cols = ["layer", "seed", "val/mse"]
     pairs = metrics.loc[metrics["variant"] == base, cols].merge(
         metrics.loc[metrics["variant"] == weighted, cols], on=["layer", "seed"], suffixes=("_baseline", "_weighted"))
@@ -82,12 +96,18 @@ def position_weighting(metrics: pd.DataFrame, base: str = "baseline", weighted: 
     return out.reset_index(drop=True)
 
 
-def diagnostic(infos: list[dict], ends: list[dict[str, float]], key: str) -> pd.DataFrame:
-    """Runs whose SAE reports diagnostics `key`: variant, layer, seed, value (end of training), start."""
+def diagnostic(infos: list[dict], ends: list[dict[str, float]], key: str, finals: list[dict] | None = None,
+               table: str | None = None) -> pd.DataFrame:
+    """Runs whose SAE reports diagnostics `key`: variant, layer, seed, value (end of training), start; with
+    `finals` (each run's last metrics record) and `table`, also the run's budget Σ lr_t and how far the
+    table's logits moved at most (NaN where the record lacks them)."""
+    finals = finals if finals is not None else [{} for _ in infos]
     rows = [{"variant": i["variant"], "layer": i["layer"], "seed": i["seed"], "value": end[key],
-             "start": i.get("diagnostics_start", {}).get(key, np.nan)}
-            for i, end in zip(infos, ends) if key in end]
-    return pd.DataFrame(rows, columns=["variant", "layer", "seed", "value", "start"])
+             "start": i.get("diagnostics_start", {}).get(key, np.nan),
+             "budget": final.get("budget/lr_sum", np.nan),
+             "moved": final.get(f"tables/{table}/max_abs_change", np.nan) if table else np.nan}
+            for i, end, final in zip(infos, ends, finals) if key in end]
+    return pd.DataFrame(rows, columns=["variant", "layer", "seed", "value", "start", "budget", "moved"])
 
 
 def resampled_fraction(infos: list[dict]) -> pd.DataFrame:
@@ -106,6 +126,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             "ablation": ablation, "variant": variant, "mean": g["value"].mean(), "std": g["value"].std(),
             "runs": int(g["value"].notna().sum()), "layers": g["layer"].nunique(),
             "start": g["start"].mean() if "start" in g and g["start"].notna().any() else np.nan,
+            "budget": g["budget"].mean() if "budget" in g and g["budget"].notna().any() else np.nan,
+            "moved": g["moved"].max() if "moved" in g and g["moved"].notna().any() else np.nan,
             "paper_mean": paper.mean if paper else np.nan, "paper_std": paper.std if paper else np.nan,
             "paper": paper.text if paper else "not reported",
             "paper_scope": paper.scope if paper else "", "note": NOTES[ablation],
@@ -139,12 +161,15 @@ def run_ablations(cfg: Config, progress: bool = True, write: bool = True) -> Abl
     folders = find_runs(cfg)
     infos = [checkpoint.read_info(f) for f in folders]
     ends = [checkpoint.load_sae(f).diagnostics() for f in progress_iter(folders, progress, "diagnostics")]
+    finals = [(checkpoint.read_metrics(f) or [{}])[-1] for f in folders]
+    weighting = pd.concat([position_weighting(evaluation.metrics, off, on) for off, on in WEIGHTING_PAIRS],
+                          ignore_index=True)
     parts = {
         "global_magnitude_share": global_magnitude_share(evaluation.metrics),
-        "gate_activation": diagnostic(infos, ends, DIAGNOSTICS["gate_activation"]),
-        "position_weighting": position_weighting(evaluation.metrics),
+        "gate_activation": diagnostic(infos, ends, DIAGNOSTICS["gate_activation"], finals, "gate_logits"),
+        "position_weighting": weighting,
         "resampled_fraction": resampled_fraction(infos),
-        "mask_activation": diagnostic(infos, ends, DIAGNOSTICS["mask_activation"]),
+        "mask_activation": diagnostic(infos, ends, DIAGNOSTICS["mask_activation"], finals, "mask_logits"),
     }
     runs = pd.concat([df.assign(ablation=name) for name, df in parts.items() if len(df)], ignore_index=True)
     first = ["ablation", "variant", "layer", "seed", "value"]

@@ -14,6 +14,10 @@ the ablations of notebook 05. Each row names the test that decided it (`test`):
   position labels permuted within each sequence (the null); per variant, a one-sided t-test over its
   runs that this difference is > 0, at 5% with a Bonferroni correction for the number of variants
   tested. **differs** when some variant is significantly above its null, **holds** when none is.
+- **cannot be judged at this budget**: a learned table's value the run could not reach. AdamW moves a
+  logit by about lr per step at most, so a gate (mask) starting at σ(s) can end anywhere in
+  [σ(s − B), σ(s + B)] with B = Σ_t lr_t (`posae.train.lr_budget`) and nowhere else; when the paper's
+  interval lies outside that range, agreeing or not says nothing about the architecture.
 - **cannot be compared**: the paper's quantity has no stated scale (its MSE values: docs/decisions.md
   §9 compares their ratios and ordering instead), or we have no measurement (the variant was not trained).
 """
@@ -30,8 +34,8 @@ from scipy import stats
 from posae.paper import ABLATION_CLAIMS, CLAIM_TEXT, L1_TARGET, MSE_RANGE, PAPER_ABLATIONS, PAPER_TABLE1, U_REPORTED
 from posae.report.tables import BASELINE, RunTables, fmt, markdown_table, paper_ratio, table1
 
-HOLDS, DIFFERS, CANNOT = "holds", "differs", "cannot be compared"
-VERDICTS = (HOLDS, DIFFERS, CANNOT)
+HOLDS, DIFFERS, CANNOT, BUDGET = "holds", "differs", "cannot be compared", "cannot be judged at this budget"
+VERDICTS = (HOLDS, DIFFERS, CANNOT, BUDGET)
 _NA = math.nan
 
 
@@ -242,6 +246,15 @@ def _fidelity_claim(table: pd.DataFrame) -> Claim:
                  test="none: nothing to compare with")
 
 
+def reachable(start: float, budget: float) -> tuple[float, float]:
+    """The range of a mean σ(logit) that starts at `start` when no logit can move further than `budget`:
+    [σ(σ⁻¹(start) − budget), σ(σ⁻¹(start) + budget)] (the table starts uniform; NaN when either is unknown)."""
+    if not (np.isfinite(start) and np.isfinite(budget) and 0.0 < start < 1.0):
+        return _NA, _NA
+    logit = math.log(start / (1.0 - start))
+    return 1.0 / (1.0 + math.exp(budget - logit)), 1.0 / (1.0 + math.exp(-logit - budget))
+
+
 def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str) -> Claim:
     paper = PAPER_ABLATIONS[name]
     low, high = paper.mean - paper.std, paper.mean + paper.std
@@ -251,6 +264,10 @@ def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str)
     std = float(rows.at[variant, "std"]) if found else _NA
     runs = int(rows.at[variant, "runs"]) if found else 0
     verdict = interval_verdict(mean, std, runs, low, high)
+    start = float(rows.at[variant, "start"]) if found and "start" in rows else _NA
+    budget = float(rows.at[variant, "budget"]) if found and "budget" in rows else _NA
+    lo_reach, hi_reach = reachable(start, budget)
+    out_of_reach = np.isfinite(lo_reach) and (high < lo_reach or low > hi_reach)
     signed = low < 0  # a change either way, as "±2%": show its sign
     ours = fmt(mean, std, 1 if paper.percent else 3, paper.percent, signed)
     if not found:
@@ -262,12 +279,19 @@ def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str)
         spec = dict(digits=1 if paper.percent else 3, percent=paper.percent)
         reason = f"{variant} ({runs} runs) {ours}, 95% CI [{fmt(ci[0], **spec)}, {fmt(ci[1], **spec)}], " \
                  f"{'overlaps' if verdict == HOLDS else 'lies outside'} the paper's {paper_band}"
-        if np.isfinite(rows.at[variant, "start"]):
-            reason += f"; it starts at {rows.at[variant, 'start']:.3f}"
+        if np.isfinite(start):
+            reason += f"; it starts at {start:.3f}"
+        if out_of_reach:
+            moved = float(rows.at[variant, "moved"]) if "moved" in rows else _NA
+            verdict = BUDGET
+            reason = (f"{variant} ({runs} runs) {ours} from a start of {start:.3f}: with Σ lr_t = {budget:.3f} no logit "
+                      f"can move further, so the mean can only reach [{lo_reach:.3f}, {hi_reach:.3f}], outside the "
+                      f"paper's {paper_band}" + (f" (the largest logit change was {moved:.3f})" if np.isfinite(moved) else ""))
         others = rows.drop(index=variant)["mean"].dropna()
         if len(others):
             reason += f"; other variants {fmt(others.min(), **spec)}–{fmt(others.max(), **spec)}"
-    return Claim(text, f"§6.3, on {paper.scope}", paper.text, f"{variant} {ours}", verdict, reason, CI_TEST,
+    test = CI_TEST if verdict != BUDGET else "reach: the paper's interval against σ(start ± Σ lr_t)"
+    return Claim(text, f"§6.3, on {paper.scope}", paper.text, f"{variant} {ours}", verdict, reason, test,
                  mean, std, low, high)
 
 
@@ -288,5 +312,6 @@ def claims_markdown(df: pd.DataFrame) -> str:
         "claim **holds** when the 95% confidence interval of our mean over runs overlaps the paper's interval (its "
         "mean ± std, or the bound), for every variant the claim covers, and **differs** when it does not for at least "
         "one; \"U = 0\" **differs** when some variant's U_x is above its null (one-sided t-test over runs, Bonferroni "
-        "over the variants) and **holds** when none is; **cannot be compared** where the paper's scale is unstated, "
-        "it reports nothing, or we have no measurement.\n")
+        "over the variants) and **holds** when none is; **cannot be judged at this budget** where the paper's value "
+        "lies beyond what the run's learning-rate budget lets a learned table reach; **cannot be compared** where the "
+        "paper's scale is unstated, it reports nothing, or we have no measurement.\n")
