@@ -390,3 +390,29 @@ def test_a_zero_height_bar_is_labelled_0():
     heights = [p.get_height() for p in bars.patches]
     assert heights == [0.4, 0.35, 0.0]
     plt.close(fig)
+
+
+def test_the_probe_stage_owns_the_position_share_histogram_and_the_figures_stage_does_not():
+    from posae.checks import load_config
+    from posae.pipeline.stages import products, stage_list
+
+    cfg = load_config("smoke")
+    owned = {s.name: {p.key for p in products(cfg, s)} for s in stage_list(cfg)}
+    assert {"figures/position_share.png", "figures/position_share.pdf"} <= owned["probe"]
+    assert not any("position_share" in key for key in owned["figures"])
+    assert "figures/mse_ratio.png" in owned["figures"] and "figures/mse_ratio.png" not in owned["probe"]
+
+
+def test_a_figure_saved_twice_is_the_same_file(tmp_path):
+    """A stage that reruns rewrites its products byte for byte, so the stages that read them are not rerun."""
+    import matplotlib.pyplot as plt
+
+    from posae.report import plots
+
+    runs = _drawn_tables().ablation_runs
+    for stem in ("a", "b"):  # drawn afresh each time, as a rerun notebook does
+        fig = plots.ablation(runs, "resampled_fraction", None, "features resampled", True)
+        plots.save(fig, tmp_path / stem)
+        plt.close(fig)
+    for ext in ("png", "pdf"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes(), ext
