@@ -229,3 +229,209 @@ def test_table1_by_layer_has_standard_errors_over_seeds():
     assert row["runs"] == 2 and row["mse_mean"] == pytest.approx(0.22 * 1.01 + 0.0005)
     assert row["mse_se"] == pytest.approx(row["mse_std"] / math.sqrt(2))
     assert row["ce_score_mean"] == pytest.approx(0.9)
+
+
+# --------------------------------------------------------------------------- the figures themselves, on hand-made runs
+
+
+def _drawn_tables(layers=(3, 13, 8), variants=("baseline", "hierarchical", "soft_masking")) -> RunTables:
+    """Every table a figure reads, for `layers` × two seeds × `variants`, in the order given (layers unsorted)."""
+    rng = np.random.default_rng(0)
+    runs = [{"variant": v, "layer": layer, "seed": s, "grouping": "arbitrary" if v == "baseline" else "learned"}
+            for v in variants for layer in layers for s in (0, 1)]
+    metrics = pd.DataFrame([{**r, "val/mse": 0.1 + 0.01 * i} for i, r in enumerate(runs)])
+    probes = pd.DataFrame([{**r, "acc_global": 0.2, "acc_position": 0.3, "acc_position_x": 0.2, "acc_all": 0.3,
+                            "acc_raw": 0.4, "U": 0.1, "U_x": 0.0, "D_x_null": 0.001, "chance": 0.125} for r in runs])
+    curve = lambda key, n: [{**r, key: k} for r in runs for k in range(n)]  # noqa: E731
+    by_position = pd.DataFrame(curve("position", 8)).assign(mse=lambda d: 0.1 + 0.001 * d["position"])
+    training = pd.DataFrame(curve("step", 5)).assign(metric="losses/total", value=lambda d: 10 - d["step"])
+    ablation_runs = pd.DataFrame([{**r, "ablation": name, "value": value} for r in runs for name, value in (
+        # bimodal across layers: a mean ± std would reach below 0
+        ("resampled_fraction", 0.8 if r["layer"] == 3 else 0.0),
+        ("global_magnitude_share", rng.uniform(0.3, 0.6)), ("gate_activation", 0.5),
+        ("position_weighting", rng.normal(0, 0.01)), ("mask_activation", 0.5))])
+    norms = pd.DataFrame([{"layer": layer, "position": p, "norm_mean": 100.0 * (1 + int(layer)), "norm_std": 1.0,
+                           "normalised_norm_mean": 25.0} for layer in layers for p in range(1, 9)])
+    return RunTables(metrics, by_position, probes, pd.DataFrame(), ablation_runs, training, norms,
+                     pd.DataFrame([{**r, "ce_score": 0.9, "kl_spliced": 0.1} for r in runs]))
+
+
+def _legend_texts(fig) -> list[str]:
+    return [t.get_text() for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)] if legend is not None
+            for t in legend.get_texts()]
+
+
+@pytest.fixture(scope="module")
+def drawn():
+    """stem -> figure, for every registered figure drawn from `_drawn_tables`; closed after the module."""
+    import matplotlib.pyplot as plt
+
+    from posae.report import plots
+
+    plots.set_style()
+    tables = _drawn_tables()
+    out = {stem: entry.draw(tables) for stem, entry in figures.FIGURES.items()}
+    yield out
+    plt.close("all")
+
+
+def test_layers_sort_by_number_given_as_numbers_strings_or_labels():
+    from posae.report.plots import layer_palette
+    from posae.report.tables import ordered_layers
+
+    assert ordered_layers([3, 13, 8, 13]) == [3, 8, 13]
+    assert ordered_layers(["13", "3", "8"]) == ["3", "8", "13"]
+    assert ordered_layers(["layer 13", "layer 3"]) == ["layer 3", "layer 13"]
+    assert sorted(["13", "3", "8"]) == ["13", "3", "8"]  # what a plain sort does, and these must not
+    assert list(layer_palette(["13", "3", "8"]).values()) == list(layer_palette([3, 13, 8]).values())
+    with pytest.raises(ValueError, match="not a layer number"):
+        ordered_layers(["resid"])
+
+
+def test_table1_by_layer_lists_layers_by_number_even_as_strings():
+    tables = _drawn_tables(layers=("3", "13", "8"))
+    by_layer = table1(tables, by_layer=True)
+    assert list(by_layer.loc[by_layer["variant"] == "baseline", "layer"]) == ["3", "8", "13"]
+    from posae.report.tables import _in_variant_order
+
+    assert list(dict.fromkeys(_in_variant_order(tables.metrics)["layer"])) == ["3", "8", "13"]
+
+
+@pytest.mark.parametrize("layers", [(3, 13, 8), ("3", "13", "8")], ids=["ints", "strings"])
+def test_every_figure_orders_its_layers_by_number(layers):
+    import matplotlib.pyplot as plt
+
+    tables = _drawn_tables(layers=layers)
+    for stem, entry in figures.FIGURES.items():
+        fig = entry.draw(tables)
+        texts = [t for t in [*_legend_texts(fig), *(ax.get_title() for ax in fig.axes)] if t.startswith("layer ")]
+        plt.close(fig)
+        shown = list(dict.fromkeys(texts))
+        assert shown == ["layer 3", "layer 8", "layer 13"] or shown == [], (stem, shown)
+    assert ["layer 3", "layer 13", "layer 8"] != ["layer 3", "layer 8", "layer 13"]  # the given order differs
+
+
+def test_every_figure_fits_a_page_width(drawn):
+    import matplotlib.pyplot as plt
+
+    from posae.report import plots
+
+    widths = {stem: plots.figure_width(fig) for stem, fig in drawn.items()}
+    assert all(w <= plots.PAGE_WIDTH_IN for w in widths.values()), widths
+    wide, ax = plt.subplots(figsize=(6, 2))
+    ax.plot([0, 1], label="a legend outside the axes makes the saved figure wider")
+    wide.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    assert plots.figure_width(wide) > plots.PAGE_WIDTH_IN  # the measure sees what bbox "tight" adds
+    plt.close(wide)
+
+
+def test_the_notebooks_figures_fit_a_page_width_too():
+    import matplotlib.pyplot as plt
+
+    from posae.report import plots
+
+    t = _drawn_tables()
+    features = pd.DataFrame([{**r, "feature": f, "group": g, "position_share": 0.1 * f}
+                             for r in t.metrics[["variant", "layer", "seed", "grouping"]].to_dict("records")
+                             for f in range(10) for g in ("global", "position")])
+    pcs = {layer: (pd.DataFrame({"pc1": np.arange(50.0), "pc2": np.arange(50.0), "position": np.arange(50)}),
+                   (0.3, 0.1)) for layer in (13, 3)}
+    for fig in (plots.norm_by_position(t.norms), plots.pca_by_position(pcs), plots.position_share_histograms(features),
+                plots.training_curves(t.training[t.training["variant"] == "hierarchical"]),
+                plots.mse_by_position(t.by_position, ["baseline", "hierarchical"])):
+        assert plots.figure_width(fig) <= plots.PAGE_WIDTH_IN
+        plt.close(fig)
+    assert plots.pca_by_position(pcs).axes[0].get_title() == "layer 3"
+    plt.close("all")
+
+
+def test_legends_lie_off_the_axes(drawn):
+    for stem, fig in drawn.items():
+        fig.draw_without_rendering()
+        for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]:
+            if legend is None:
+                continue
+            box = legend.get_window_extent()
+            assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes if ax.axison), stem
+
+
+def test_a_legend_on_the_axes_is_caught():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], label="on the data")
+    legend = ax.legend(loc="center")
+    fig.draw_without_rendering()
+    assert legend.get_window_extent().overlaps(ax.get_window_extent())
+    plt.close(fig)
+
+
+def _lines_x(ax) -> np.ndarray:
+    from matplotlib.collections import LineCollection
+
+    xs = [line.get_xdata() for line in ax.lines if len(line.get_xdata()) > 1]
+    xs += [seg[:, 0] for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    return np.concatenate([np.asarray(x, dtype=float) for x in xs])
+
+
+def test_no_ablation_bar_reaches_below_the_smallest_run(drawn):
+    ax = drawn["ablation_resampled_fraction"].axes[0]
+    runs = _drawn_tables().ablation_runs
+    lowest = 100 * runs.loc[runs["ablation"] == "resampled_fraction", "value"].min()
+    assert lowest == 0.0
+    drawn_x = _lines_x(ax)
+    assert drawn_x[np.isfinite(drawn_x)].min() >= lowest - 1e-9  # the paper's band is a patch, not a line
+    # The old mean ± std of the same runs: 26.7% ± 39.5% reaches -12.8%.
+    values = runs.loc[runs["ablation"] == "resampled_fraction"].assign(value=lambda d: 100 * d["value"]).groupby(
+        "variant")["value"]
+    assert (values.mean() - values.std()).min() < 0
+
+
+def test_ablation_figures_have_titles_and_a_zero_median_reads_0(drawn):
+    for name in figures.ABLATION_AXES:
+        assert drawn[f"ablation_{name}"].axes[0].get_title(), name
+    texts = [t.get_text() for t in drawn["ablation_resampled_fraction"].axes[0].texts]
+    assert "0" in texts and "median" in texts  # every variant's median is 0 (layer 3 of three at 80%)
+
+
+def test_a_zero_height_bar_is_labelled_0():
+    import matplotlib.pyplot as plt
+
+    from posae.report import plots
+
+    norms = _drawn_tables().norms
+    raw = pd.DataFrame({"layer": [13, 3, 8], "acc_raw": [0.0, 0.4, 0.35], "chance": 0.125})
+    fig = plots.position_structure(norms, raw)
+    bars = fig.axes[1]
+    labels = [t.get_text() for t in bars.texts]
+    assert labels == ["0.40", "0.35", "0"]  # layers 3, 8, 13 in that order; the zero bar says so
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["3", "8", "13"]
+    heights = [p.get_height() for p in bars.patches]
+    assert heights == [0.4, 0.35, 0.0]
+    plt.close(fig)
+
+
+def test_the_probe_stage_owns_the_position_share_histogram_and_the_figures_stage_does_not():
+    from posae.checks import load_config
+    from posae.pipeline.stages import products, stage_list
+
+    cfg = load_config("smoke")
+    owned = {s.name: {p.key for p in products(cfg, s)} for s in stage_list(cfg)}
+    assert {"figures/position_share.png", "figures/position_share.pdf"} <= owned["probe"]
+    assert not any("position_share" in key for key in owned["figures"])
+    assert "figures/mse_ratio.png" in owned["figures"] and "figures/mse_ratio.png" not in owned["probe"]
+
+
+def test_a_figure_saved_twice_is_the_same_file(tmp_path):
+    """A stage that reruns rewrites its products byte for byte, so the stages that read them are not rerun."""
+    import matplotlib.pyplot as plt
+
+    from posae.report import plots
+
+    runs = _drawn_tables().ablation_runs
+    for stem in ("a", "b"):  # drawn afresh each time, as a rerun notebook does
+        fig = plots.ablation(runs, "resampled_fraction", None, "features resampled", True)
+        plots.save(fig, tmp_path / stem)
+        plt.close(fig)
+    for ext in ("png", "pdf"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes(), ext

@@ -184,9 +184,10 @@ def _probe_products(cfg: Config, stage: Stage) -> list[Product]:
     from posae.eval.fidelity import FIDELITY_BY_POSITION_CSV, FIDELITY_CSV
     from posae.eval.metrics import BY_POSITION_CSV, FEATURES_CSV, METRICS_CSV
     from posae.eval.probes import PROBES_CSV
+    from posae.report.figures import probe_outputs
 
     return _table_products(METRICS_CSV, BY_POSITION_CSV, FEATURES_CSV, PROBES_CSV, FIDELITY_CSV,
-                           FIDELITY_BY_POSITION_CSV)(cfg, stage)
+                           FIDELITY_BY_POSITION_CSV)(cfg, stage) + _figures(probe_outputs(figures_dir(cfg.name)))
 
 
 def _ablation_products(cfg: Config, stage: Stage) -> list[Product]:
@@ -195,10 +196,14 @@ def _ablation_products(cfg: Config, stage: Stage) -> list[Product]:
     return _table_products(ABLATIONS_CSV, ABLATIONS_RUNS_CSV)(cfg, stage)
 
 
+def _figures(paths: list[Path]) -> list[Product]:
+    return [Product(f"figures/{p.name}", p, str(p)) for p in paths]
+
+
 def _figure_products(cfg: Config, stage: Stage) -> list[Product]:
     from posae.report.figures import expected_outputs
 
-    return [Product(f"figures/{p.name}", p, str(p)) for p in expected_outputs(figures_dir(cfg.name))]
+    return _figures(expected_outputs(figures_dir(cfg.name)))
 
 
 # Stage kind (its name before any ":") -> what it owns; a kind not listed owns nothing beyond its record.

@@ -3,17 +3,22 @@
 Everything is written under `figures_dir(config)`, ``figures/<config>/`` at the repository root
 (``$POSAE_FIGURES/<config>`` when that is set, as the tests do):
 
-    fig1a_training_curves.{png,pdf}      training loss against step, per variant, mean and band over seeds, per layer
+    fig1a_training_curves.{png,pdf}      training loss against step, a panel per variant, a line per layer
     fig1b_unlearning_score.{png,pdf}     U (position input kept) beside U_x (neutralised), per run (paper: 0.0)
     probe_accuracies.{png,pdf}           the probe accuracies behind U and U_x
-    mse_ratio.{png,pdf}                  validation MSE relative to the baseline, ours beside the paper's
-    mse_by_position.{png,pdf}            validation MSE at each position, per variant
+    mse_ratio.{png,pdf}                  validation MSE relative to the baseline, per run, beside the paper's
+    mse_by_position.{png,pdf}            validation MSE at each position, a panel per variant
     ablation_<name>.{png,pdf}            the ablations of §6.3 (`posae.paper.PAPER_ABLATIONS`), the paper's value marked
     position_structure.{png,pdf}         raw activations (notebook 02): norm by position, raw probe accuracy
     table1.{csv,md}                      Table 1: per variant, our statistics beside the paper's numbers
     table1_by_layer.{csv,md}             the same statistics per variant and layer, mean ± se over seeds
     claims.{csv,md}                      each claim of the paper, our value, the paper's, and a verdict
     run_info.json                        config, machine, stage timings and wall time of the run
+
+Notebook 04 (the probe stage) writes one figure of its own there, declared as that stage's product
+(`PROBE_FIGURES`, `probe_outputs`):
+
+    position_share.{png,pdf}             per variant, the histogram of each feature's position-variance share
 
 A figure is one registered function (`@figure(stem, caption)`): notebook 06 draws every entry of
 `FIGURES` in one loop, and `expected_outputs` / `check_outputs` (and the driver's product list) derive
@@ -36,10 +41,12 @@ from posae.paper import PAPER_ABLATIONS
 from posae.paths import REPO_ROOT, run_dir, write_csv_atomic, write_json_atomic, write_text_atomic
 from posae.report import plots
 from posae.report.claims import claims, claims_markdown
-from posae.report.tables import RunTables, table1, table1_by_layer_markdown, table1_markdown
+from posae.report.tables import RunTables, paired_ratio, table1, table1_by_layer_markdown, table1_markdown
 
 TABLES = ("table1.csv", "table1.md", "table1_by_layer.csv", "table1_by_layer.md", "claims.csv", "claims.md",
           "run_info.json")
+POSITION_SHARE = "position_share"  # notebook 04's histogram of the features' position-variance shares
+PROBE_FIGURES = (POSITION_SHARE,)  # drawn and saved by notebook 04, not by notebook 06
 
 
 # Captions: what notebook 06 shows above each figure (Markdown).
@@ -47,8 +54,9 @@ CAPTION_FIG1A = """\
 ## Figure 1a · Training trajectories
 
 The paper: *"Training trajectories showing consistent convergence"* for every variant (its losses
-on an unstated scale). Ours: the total training loss against the optimizer step, one line per
-variant (the mean over seeds, the band their range), one panel per layer. The loss is eq. 7 as
+on an unstated scale). Ours: the total training loss against the optimizer step, one panel per
+variant, one line per layer (the mean over seeds, the band their range), the baseline's lines in
+grey behind every other variant; the y axis is shared. The loss is eq. 7 as
 written (unsquared reconstruction error weighted by w_t, plus λ1‖f‖₁) plus each variant's own
 terms, so a variant with an extra loss (contrastive's InfoNCE) or another λ1 (the soft-masking
 pair) sits at its own level: compare the shapes, not the heights."""
@@ -76,15 +84,15 @@ activations give what a linear probe can read from the model."""
 CAPTION_MSE_RATIO = """\
 ## MSE relative to the baseline
 
-The same ratios as a figure: ours (black, mean ± std over layer-and-seed pairs) beside the
-paper's (red, its std propagated from the two MSE stds). Left of the dashed line a variant
-reconstructs better than the baseline."""
+The same ratios as a figure, on a log scale: ours per run (a dot per layer-and-seed pair, coloured
+by layer; black: their median and range) beside the paper's (red, mean ± std, its std propagated
+from the two MSE stds). Left of the dashed line a variant reconstructs better than the baseline."""
 
 CAPTION_MSE_BY_POSITION = """\
 ## MSE by position
 
-Validation MSE at each position in the context, one line per variant (band: range over seeds), one
-panel per layer. The paper shows no such figure; it tells whether a position-aware variant
+Validation MSE at each position in the context, one panel per variant, one line per layer (band:
+range over seeds), the baseline's lines in grey behind. The paper shows no such figure; it tells whether a position-aware variant
 reconstructs some positions better than the baseline does, and where the loss weights
 w_t = 1 + t/L of position_weighted move the error."""
 
@@ -93,8 +101,9 @@ CAPTION_ABLATIONS = """\
 
 The paper, on its hierarchical model: global features carry *73% ± 5%* of the activation
 magnitude; the gate averages *0.12 ± 0.03*; position-weighted loss scaling changes MSE by *±2%*;
-resampling touches *8% ± 2%* of the features. Each figure shows every run (dot, colour = layer), the
-mean ± std over runs (black bar) and the paper's mean ± std (red band). Our gate starts at
+resampling touches *8% ± 2%* of the features. Each figure shows every run (dot, colour = layer),
+the median over runs (black tick, its value written on the right) and their range (black line),
+and the paper's mean ± std (red band). Our gate starts at
 σ(0) = 0.5; the paper's 0.12 is σ(−2), which a gate initialised there and never trained would show.
 The last figure, soft masking's learned mask, is beyond the paper. Notebook 05 explains each
 measurement."""
@@ -104,7 +113,7 @@ CAPTION_POSITION_STRUCTURE = """\
 
 Before any SAE: the mean norm of the normalised activation (centred, scaled so the mean squared
 norm is d, the SAE's input) at each position, per layer, and the held-out accuracy of the
-position-bucket probe on the activations themselves (dashed: chance). A probe well above chance
+position-bucket probe on the activations themselves (its value on each bar; dashed: chance). A probe well above chance
 means position is linearly readable, so an SAE could in principle give it features of its own.
 The paper reports no such baseline."""
 
@@ -136,8 +145,8 @@ def figure(stem: str, caption: str) -> Callable:
 
 @figure("fig1a_training_curves", CAPTION_FIG1A)
 def _training(t: RunTables, metric: str = "losses/total") -> plt.Figure:
-    return plots.lines_with_band(t.training[t.training["metric"] == metric], "step", "value", "optimizer step",
-                                 "training loss per token (eq. 7 + variant terms)")
+    return plots.per_variant_lines(t.training[t.training["metric"] == metric], "step", "value", "optimizer step",
+                                   "training loss per token (eq. 7 + variant terms)")
 
 
 @figure("fig1b_unlearning_score", CAPTION_FIG1B)
@@ -147,18 +156,17 @@ def _unlearning(t: RunTables) -> plt.Figure:
 
 @figure("probe_accuracies", CAPTION_PROBES)
 def _probe_accuracies(t: RunTables) -> plt.Figure:
-    return plots.probe_accuracies(t.probes).figure
+    return plots.probe_accuracies(t.probes)
 
 
 @figure("mse_ratio", CAPTION_MSE_RATIO)
 def _mse_ratio(t: RunTables) -> plt.Figure:
-    return plots.mse_ratio(table1(t))
+    return plots.mse_ratio(table1(t), paired_ratio(t.metrics))
 
 
 @figure("mse_by_position", CAPTION_MSE_BY_POSITION)
 def _mse_by_position(t: RunTables) -> plt.Figure:
-    return plots.lines_with_band(t.by_position, "position", "mse", "position in sequence (tokens)",
-                                 "validation MSE per element (normalised)")
+    return plots.mse_by_position(t.by_position)
 
 
 # ablation -> (x-axis label, shown in percent)
@@ -171,9 +179,10 @@ ABLATION_AXES = {
 }
 
 
-def _ablation(t: RunTables, name: str) -> plt.Figure:
+def ablation_figure(runs: pd.DataFrame, name: str) -> plt.Figure:
+    """The figure of ablation `name` (a key of `ABLATION_AXES`) from ablations_runs.csv, as notebooks 05 and
+    06 draw it: its axis, its title and the paper's value, or a placeholder saying no run has it."""
     xlabel, percent = ABLATION_AXES[name]
-    runs = t.ablation_runs
     if runs.empty or not runs.loc[runs["ablation"] == name, "value"].notna().any():
         return plots.placeholder(f"{name}: no trained variant has this quantity")
     return plots.ablation(runs, name, PAPER_ABLATIONS[name], xlabel, percent)
@@ -181,7 +190,7 @@ def _ablation(t: RunTables, name: str) -> plt.Figure:
 
 for _i, _name in enumerate(ABLATION_AXES):
     figure(f"ablation_{_name}", (CAPTION_ABLATIONS + "\n\n" if _i == 0 else "") + f"`ablation_{_name}`: "
-           f"{ABLATION_AXES[_name][0]}.")(lambda t, _name=_name: _ablation(t, _name))
+           f"{ABLATION_AXES[_name][0]}.")(lambda t, _name=_name: ablation_figure(t.ablation_runs, _name))
 
 
 @figure("position_structure", CAPTION_POSITION_STRUCTURE)
@@ -252,6 +261,11 @@ def write_reproduction_info(cfg: Config, out: Path) -> dict:
     info = reproduction_info(cfg)
     write_json_atomic(Path(out) / "run_info.json", info)
     return info
+
+
+def probe_outputs(out: Path) -> list[Path]:
+    """The figures notebook 04 saves under `out` (figures/<config>/): the probe stage's, not notebook 06's."""
+    return [Path(out) / f"{stem}.{ext}" for stem in PROBE_FIGURES for ext in ("png", "pdf")]
 
 
 def expected_outputs(out: Path) -> list[Path]:

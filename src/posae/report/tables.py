@@ -36,6 +36,19 @@ def ordered_variants(names: Iterable[str]) -> list[str]:
     return sorted(set(names), key=lambda v: (rank.get(v, len(rank)), v))
 
 
+def layer_number(layer: object) -> int:
+    """A layer's number, whether it is stored as 13, "13" or labelled "layer 13": what layers sort by."""
+    try:
+        return int(str(layer).rsplit(" ", 1)[-1])
+    except ValueError:
+        raise ValueError(f"layer {layer!r} is not a layer number (13, '13' or 'layer 13'). Fix: pass the layer "
+                         f"column of a run's CSV") from None
+
+
+def ordered_layers(layers: Iterable) -> list:
+    """The distinct layers in numeric order (3, 8, 13: never "13" before "3"), as they were given."""
+    return sorted(set(layers), key=layer_number)
+
 
 # --------------------------------------------------------------------------- what the run left
 
@@ -65,11 +78,14 @@ def _read_csv(config_name: str, name: str) -> pd.DataFrame:
 
 
 def _in_variant_order(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows sorted by `VARIANT_ORDER` (stable), so every figure lists and colours the variants alike."""
+    """Rows sorted by `VARIANT_ORDER`, then by layer number (stable), so every figure and table lists and
+    colours the variants alike and the layers as 3, 8, 13."""
     if "variant" not in df or df.empty:
         return df
     rank = {v: i for i, v in enumerate(ordered_variants(df["variant"]))}
-    return df.sort_values("variant", key=lambda s: s.map(rank), kind="stable").reset_index(drop=True)
+    keys = ["variant", "layer"] if "layer" in df else ["variant"]
+    return df.sort_values(keys, key=lambda s: s.map(rank) if s.name == "variant" else s.map(layer_number),
+                          kind="stable").reset_index(drop=True)
 
 
 def read_tables(cfg: Config) -> RunTables:
@@ -185,7 +201,7 @@ def table1(tables: RunTables, variants: Iterable[str] | None = None, by_layer: b
     names = ordered_variants(set(REGISTRY if variants is None else variants) | set(m["variant"]))
     frames = {"metrics": m, "probes": tables.probes, "fidelity": tables.fidelity,
               "ratio": paired_ratio(m).rename(columns={"ratio": "mse_ratio"})}
-    layers = sorted(m["layer"].unique()) if by_layer else [None]
+    layers = ordered_layers(m["layer"]) if by_layer else [None]
     rows = []
     for v in names:
         for layer in layers:
