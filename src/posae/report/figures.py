@@ -173,7 +173,7 @@ def _mse_by_position(t: RunTables) -> plt.Figure:
 ABLATION_AXES = {
     "global_magnitude_share": ("share of Σ‖f‖₁ carried by global features", True),
     "gate_activation": ("mean gate σ(G) after training", False),
-    "position_weighting": ("change of validation MSE, position_weighted vs baseline", True),
+    "position_weighting": ("change of validation MSE with the loss weights w_t on vs off", True),
     "resampled_fraction": ("features resampled at least once", True),
     "mask_activation": ("mean soft mask σ(M) after training (beyond the paper)", False),
 }
