@@ -307,3 +307,24 @@ def test_summary_counts_live_and_positional_features_per_group(planted):
     run = ins.open_run(planted, "baseline", 0)
     s = ins.summary([run]).loc[(run.label, "all")]
     assert s["features"] == D and s["live"] == D - 1 and s["share > 0.5"] == 1
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_the_inspect_stage_shows_the_runs_the_reproduction_trains_and_owns_its_products():
+    from posae.pipeline.stages import products, stage_list
+
+    cfg = load_config("smoke", check_model=False)
+    names = [s.name for s in stage_list(cfg)]
+    assert names.index("ablations") < names.index("inspect") == names.index("figures") - 1
+    stage = next(s for s in stage_list(cfg) if s.name == "inspect")
+    assert stage.parameters["variants"] == ["baseline", "contrastive", "hierarchical"]
+    assert set(stage.depends) == {"capture", "train:baseline", "train:contrastive", "train:hierarchical"}
+    assert {p.key for p in products(cfg, stage)} == {"notebooks/07_inspect.ipynb", "notebooks/07_inspect.html",
+                                                     ins.INSPECT_CSV}
+    # With --variants leaving some out, it shows those that are trained (never a run no stage trains).
+    sub = next(s for s in stage_list(cfg, ["soft_masking", "hierarchical"]) if s.name == "inspect")
+    assert sub.parameters["variants"] == ["hierarchical"] and set(sub.depends) == {"capture", "train:hierarchical"}
+    none = next(s for s in stage_list(cfg, ["soft_masking"]) if s.name == "inspect")
+    assert none.parameters["variants"] == ["soft_masking"]
