@@ -4,6 +4,7 @@ HTML, and galleries that pick the same features every time."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -206,11 +207,19 @@ def test_a_window_stops_at_its_sequence_and_a_dead_feature_has_no_context(plante
 def test_the_pass_over_the_store_matches_a_naive_one(planted):
     run = ins.open_run(planted, "baseline", 0)
     f_NK, pos_N = naive_features(run), np.asarray(run.store.pos_N)
-    st = ins.run_stats(run.sae, run.store, top=5, chunk=37)  # chunks that cut sequences: merges are exercised
-    np.testing.assert_allclose(st.top_val_RK, -np.sort(-f_NK, axis=0)[:5], rtol=1e-6)
-    for t in (1, 8, 15):
-        np.testing.assert_allclose(st.sum_TK[t], f_NK[pos_N == t].sum(0), rtol=1e-5)
-        np.testing.assert_array_equal(st.fired_TK[t], (f_NK[pos_N == t] > 0).sum(0))
+    # The reshape path (chunks of whole sequences: 37 rounds down to 30, two sequences) and the index_add path
+    # (the same store with its rows reversed: positions no longer in order), both against the naive sums.
+    reversed_store = copy.copy(run.store)
+    for name in ("acts_ND", "tokens_N", "pos_N", "seq_N"):
+        setattr(reversed_store, name, getattr(run.store, name)[::-1])
+    for store, f_RK, p_R in ((run.store, f_NK, pos_N), (reversed_store, f_NK[::-1], pos_N[::-1])):
+        st = ins.run_stats(run.sae, store, top=5, chunk=37)  # several chunks: merges of the top-5 are exercised
+        np.testing.assert_allclose(st.top_val_RK, -np.sort(-f_RK, axis=0)[:5], rtol=1e-6)
+        np.testing.assert_array_equal(st.count_T, np.bincount(p_R, minlength=T))
+        for t in (1, 8, 15):
+            np.testing.assert_allclose(st.sum_TK[t], f_RK[p_R == t].sum(0), rtol=1e-5)
+            np.testing.assert_array_equal(st.fired_TK[t], (f_RK[p_R == t] > 0).sum(0))
+        assert st.sum_TK[0].sum() == 0 and st.count_T[0] == 0
     nonzero = f_NK[:, 3][f_NK[:, 3] > 0]
     want, _ = np.histogram(np.clip(nonzero, ins.HIST_EDGES[0], ins.HIST_EDGES[-1] * 0.999), ins.HIST_EDGES)
     h = ins.histogram(run, 3)

@@ -52,9 +52,10 @@ from posae.paths import lock_path, locked, run_dir, sae_dir, write_csv_atomic
 from posae.saes import SAE, as_variant_list
 
 TOP_KEPT = 16  # largest activations kept per feature by the pass over the store (`top_contexts` asks for more anew)
-HIST_EDGES = np.logspace(-3, 3, 61)  # nonzero activations, 10 bins a decade; outside [1e-3, 1e3) into the end bins
+LOG_LOW, LOG_HIGH, BINS_PER_DECADE = -3, 3, 10
+# Bins of the nonzero activations: 10 a decade over [1e-3, 1e3); values outside go into the end bins.
+HIST_EDGES = np.logspace(LOG_LOW, LOG_HIGH, (LOG_HIGH - LOG_LOW) * BINS_PER_DECADE + 1)
 GALLERY_SIZE = 8
-PICKS = ("positional", "frequent", "random")
 INSPECT_CSV = "inspect_gallery.csv"
 RUN_KEYS = ["variant", "layer", "seed"]
 
@@ -159,30 +160,42 @@ def middle_layer(cfg: Config) -> int:
 def run_stats(sae: SAE, store: ActivationStore, top: int = TOP_KEPT, chunk: int = 8192) -> RunStats:
     """Encode every row of `store` (each with its own position), `chunk` rows at a time, into `RunStats`.
 
-    Sums are float32 within a chunk and float64 across chunks (as `posae.eval.metrics.accumulate`'s). Each
+    Sums are float32 within a chunk and float64 across chunks (as `posae.eval.metrics.accumulate`'s). A store
+    laid out as capture writes it (whole sequences, positions in order) is read in chunks of whole sequences
+    and summed per position by a reshape; any other layout by an index_add (the same sums). Each
     chunk's top-`top` per feature is merged with those kept so far, the kept ones first, so an activation
     equal to a kept one does not displace it (within a chunk, equal values come in topk's order). A feature
     with fewer nonzero activations than `top` keeps zeros at the end of its list.
     """
     T, K, N = store.seq_len, sae.k, len(store)
+    pos_all = np.asarray(store.pos_N)
+    first = int(pos_all[0]) if N else 0
+    period = T - first  # rows of one whole sequence in a store written by capture
+    if N and N % period == 0 and (pos_all.reshape(-1, period) == np.arange(first, T)).all():
+        chunk = max(1, chunk // period) * period  # whole sequences per chunk: per-position sums by a reshape
+    else:
+        period = 0
     B = len(HIST_EDGES) - 1
-    log_edges = torch.from_numpy(np.log10(HIST_EDGES[1:-1])).float()
     count_T, sum_TK, fired_TK = np.zeros(T), np.zeros((T, K)), np.zeros((T, K))
     sq_K, hist = np.zeros(K), np.zeros(K * B)
     top_val, top_row = torch.zeros(0, K), torch.zeros(0, K, dtype=torch.int64)
-    pos_all = np.asarray(store.pos_N)
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         pos_B = torch.from_numpy(pos_all[s:e].astype(np.int64))
         f_BK = sae.encode(store.normalised(slice(s, e)), pos_B).float()
         fired_BK = f_BK > 0
         count_T += np.bincount(pos_B.numpy(), minlength=T)
-        sum_TK += torch.zeros(T, K).index_add_(0, pos_B, f_BK).numpy()
-        fired_TK += torch.zeros(T, K).index_add_(0, pos_B, fired_BK.float()).numpy()
+        if period:  # rows are whole sequences, positions first..T-1 in order: sum over the sequences
+            sum_TK[first:] += f_BK.view(-1, period, K).sum(0).numpy()
+            fired_TK[first:] += fired_BK.view(-1, period, K).sum(0, dtype=torch.float32).numpy()
+        else:
+            sum_TK += torch.zeros(T, K).index_add_(0, pos_B, f_BK).numpy()
+            fired_TK += torch.zeros(T, K).index_add_(0, pos_B, fired_BK.float()).numpy()
         sq_K += f_BK.square().sum(0).numpy()
-        b_idx, k_idx = fired_BK.nonzero(as_tuple=True)
-        bins = torch.bucketize(torch.log10(f_BK[b_idx, k_idx]), log_edges, right=True)
-        hist += torch.bincount(k_idx * B + bins, minlength=K * B).numpy()
+        flat = fired_BK.view(-1).nonzero().squeeze(1)
+        # The bin of each nonzero value by arithmetic on its log (the edges are evenly spaced in log10).
+        bins = ((f_BK.view(-1)[flat].log10() - LOG_LOW) * BINS_PER_DECADE).floor_().clamp_(0, B - 1).long()
+        hist += torch.bincount(flat % K * B + bins, minlength=K * B).numpy()
         val, idx = torch.topk(f_BK, min(top, e - s), dim=0)
         val, row = torch.cat([top_val, val]), torch.cat([top_row, idx + s])
         order = torch.sort(val, dim=0, descending=True, stable=True).indices[:top]
@@ -548,14 +561,16 @@ def plot_heatmaps(runs: list[Run], n: int = 32):
 
     from posae.report.plots import PAGE_WIDTH_IN
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(PAGE_WIDTH_IN * max(1, len(runs)) / 2, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(PAGE_WIDTH_IN * max(1, len(runs)) / 2, 3.4), squeeze=False,
+                             layout="constrained")
     for ax, run in zip(axes[0], runs):
         hm = position_heatmap(run, n)
         im = ax.imshow(hm.to_numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
                        extent=(hm.columns[0] - 0.5, hm.columns[-1] + 0.5, len(hm) - 0.5, -0.5))
         ax.set_yticks(range(len(hm)), [str(f) for f in hm.index], fontsize=5)
-        ax.set(xlabel="position", ylabel="feature (by position share)", title=run.label)
+        ax.set(xlabel="position", title=run.label)
         ax.grid(False)
+    axes[0][0].set_ylabel("feature (largest position share first)")
     fig.colorbar(im, ax=axes[0].tolist(), label="mean activation / its peak")
     return fig
 
