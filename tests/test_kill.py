@@ -382,8 +382,8 @@ def test_driver_killed_between_and_inside_stages(smoke_reproduction, runs_root, 
     result = subprocess.run([sys.executable, "-m", "posae", "reproduce", "--config", "smoke"], env=child_env(tmp_path),
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Skipped: the ground truth, capture, structure, every training stage, probe and ablations; figures rerun.
-    assert "figures: running" in result.stdout and result.stdout.count("up to date, skipped") == len(trains) + 5
+    # Skipped: the ground truth, capture, structure, every training stage, probe, ablations and inspect; figures rerun.
+    assert "figures: running" in result.stdout and result.stdout.count("up to date, skipped") == len(trains) + 6
 
     assert stage_records(run) == stage_records(ref_run)
     assert_same_files(ref_run / "activations", run / "activations")

@@ -84,7 +84,7 @@ def test_paper_tokens_steps_and_store_bytes_by_hand(paper_plan):
         assert v.tokens_per_run == 100_000 * 256 * 8 == 204_800_000
     assert round(p.variants[0].tokens_per_run / p.train_tokens_per_layer) == 1613  # docs/decisions.md §9: ≈ 1,600 epochs
     assert [s for s in p.stages if not s.startswith("train:")] == ["ground_truth", "capture", "structure", "probe",
-                                                                   "ablations", "figures"]
+                                                                   "ablations", "inspect", "figures"]
 
 
 def test_paper_model_size_by_hand(paper_plan):

@@ -19,7 +19,7 @@ from posae.pipeline.stages import Stage, StageFailed, UnknownStage, fingerprint,
 def test_every_stage_runs_and_renders(smoke_reproduction):
     names = [r["stage"] for r in smoke_reproduction]
     assert names[:3] == ["ground_truth", "capture", "structure"] and names[-1] == "figures"
-    assert sum(n.startswith("train:") for n in names) == len(stage_list(load_config("smoke"))) - 6
+    assert sum(n.startswith("train:") for n in names) == len(stage_list(load_config("smoke"))) - 7
     out = run_dir("smoke") / "notebooks"
     for stage in stage_list(load_config("smoke")):
         assert (out / f"{stage.output_stem}.ipynb").exists()
@@ -57,7 +57,7 @@ def test_changing_one_variant_invalidates_only_what_reads_it(tmp_path):
     variant_file.write_text("train: {l1_scale: 2.0}\n")
     after = fingerprints()
     changed = {name for name in before if before[name] != after[name]}
-    assert changed == {"train:baseline", "probe", "ablations", "figures"}
+    assert changed == {"train:baseline", "probe", "ablations", "inspect", "figures"}  # inspect shows baseline
 
 
 def test_unknown_stage_is_refused_before_any_work():

@@ -70,6 +70,9 @@ def config_parameter(cfg: Config) -> str:
     return cfg.name if source == (PARAMS_DIR / f"{cfg.name}.yaml").resolve() else str(source)
 
 
+INSPECTED = ("baseline", "contrastive", "hierarchical")  # the runs notebook 07 shows in a reproduction
+
+
 def stage_list(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
     """The stages of a full reproduction of `cfg`, in order."""
     from posae.saes import variant_path
@@ -81,6 +84,8 @@ def stage_list(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
     train_names = tuple(s.name for s in trains)
     variant_files = tuple(f for s in trains for f in s.inputs)
     every_variant = tuple(variant_path(v) for v in variant_names())  # the ground truth trains them all
+    # Notebook 07 shows a few runs side by side: these where the reproduction trains them, else the first three.
+    inspected = [v for v in INSPECTED if v in variants] or variants[:3]
     return [
         Stage("ground_truth", "00_ground_truth.ipynb", p, (), every_variant),
         Stage("capture", "01_capture_activations.ipynb", p),
@@ -88,6 +93,8 @@ def stage_list(cfg: Config, variants: list[str] | None = None) -> list[Stage]:
         *trains,
         Stage("probe", "04_probe.ipynb", p, ("capture", *train_names), variant_files),
         Stage("ablations", "05_ablations.ipynb", p, ("capture", *train_names), variant_files),
+        Stage("inspect", "07_inspect.ipynb", {**p, "variants": inspected},
+              ("capture", *(f"train:{v}" for v in inspected)), tuple(variant_path(v) for v in inspected)),
         Stage("figures", "06_figures.ipynb", p, ("structure", "probe", "ablations", *train_names), variant_files),
     ]
 
@@ -156,7 +163,7 @@ def _ground_truth_products(cfg: Config, stage: Stage) -> list[Product]:
 
 
 def _structure_products(cfg: Config, stage: Stage) -> list[Product]:
-    out = run_dir(cfg.name) / "notebooks" / f"{stage.output_stem}.ipynb"  # it writes no file of its own
+    out = run_dir(cfg.name) / "notebooks" / f"{stage.output_stem}.ipynb"  # structure writes no file of its own
     return [_in_run(cfg, out), _in_run(cfg, out.with_suffix(".html"))]
 
 
@@ -169,6 +176,12 @@ def train_runs(cfg: Config, stage: Stage) -> list[tuple[int, int]]:
     except Exception as e:  # an unknown variant: the same message the notebook would fail with
         raise StageFailed(f"stage {stage.name} failed in {stage.notebook}: {type(e).__name__}: {e}") from None
     return [(layer, seed) for layer in cfg.capture.layers for seed in seeds]
+
+
+def _inspect_products(cfg: Config, stage: Stage) -> list[Product]:
+    from posae.inspect import INSPECT_CSV
+
+    return [*_structure_products(cfg, stage), _in_run(cfg, run_dir(cfg.name) / INSPECT_CSV)]
 
 
 def _train_products(cfg: Config, stage: Stage) -> list[Product]:
@@ -209,7 +222,8 @@ def _figure_products(cfg: Config, stage: Stage) -> list[Product]:
 # Stage kind (its name before any ":") -> what it owns; a kind not listed owns nothing beyond its record.
 _PRODUCTS: dict[str, Callable[[Config, Stage], list[Product]]] = {
     "ground_truth": _ground_truth_products, "capture": _capture_products, "structure": _structure_products,
-    "train": _train_products, "probe": _probe_products, "ablations": _ablation_products, "figures": _figure_products,
+    "train": _train_products, "probe": _probe_products, "ablations": _ablation_products, "inspect": _inspect_products,
+    "figures": _figure_products,
 }
 
 
