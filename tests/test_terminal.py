@@ -32,7 +32,7 @@ def test_rendered_notebooks_hold_no_warnings_refreshes_or_machine_paths(smoke_re
 
     folder = runs_root / "smoke" / "notebooks"
     notebooks = [folder / f"{stage.output_stem}.ipynb" for stage in stage_list(load_config("smoke"))]
-    assert len(notebooks) == 17
+    assert len(notebooks) == 18
     for nb in notebooks:
         for out, text in _outputs(nb):
             assert "TqdmWarning" not in text and "IProgress" not in text, nb.name
