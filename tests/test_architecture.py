@@ -24,13 +24,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("posae.data", "posae.data.")),
     ("saes", ("posae.saes", "posae.saes.")),
     ("checks", ("posae.checks",)),
-    ("train", ("posae.train", "posae.checkpoint")),
+    ("train", ("posae.optim", "posae.train", "posae.checkpoint")),
     ("eval: shared primitives", ("posae.eval", "posae.eval.probing")),
     ("eval: metrics and structure (notebooks 02, 03)", ("posae.eval.metrics", "posae.eval.structure")),
     ("eval: probes and downstream fidelity (notebook 04)", ("posae.eval.probes", "posae.eval.fidelity")),
     ("eval: the planted ground truth (notebook 00)", ("posae.eval.ground_truth",)),
     ("eval: ablations (notebook 05)", ("posae.eval.ablations",)),
     ("report", ("posae.report", "posae.report.")),
+    ("inspect: looking at features (notebook 07)", ("posae.inspect",)),
     ("pipeline", ("posae.pipeline", "posae.pipeline.", "posae.notebook", "posae.__main__")),
 ]
 
