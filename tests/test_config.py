@@ -144,7 +144,8 @@ def test_a_base_is_merged_section_by_section_mappings_deeply_and_lists_replaced(
     assert cfg.sae.options == {"contrastive": {"temperature": 0.3}} and cfg.sae.buckets == smoke.sae.buckets
     assert cfg.name == "study" and cfg.source == str(f["study"]) and cfg.bases == (str(PARAMS_DIR / "smoke.yaml"),)
     # Without the base, the same file is the schema's defaults plus its own keys: the base did the rest.
-    alone = write(tmp_path, {k: v for k, v in yaml.safe_load(f["study"].read_text()).items() if k != "base"}, "alone.yaml")
+    own = {k: v for k, v in yaml.safe_load(f["study"].read_text()).items() if k != "base"}
+    alone = write(tmp_path, own, "alone.yaml")
     assert load_config(alone, check_model=False).train.steps == Config().train.steps != smoke.train.steps
 
 

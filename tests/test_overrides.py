@@ -44,14 +44,17 @@ def test_values_are_yaml_and_an_exponent_is_a_number_only_where_the_key_is_one()
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ("train.l1x=0.05", f"override 'train.l1x=0.05': train.l1x: unknown key. Fix: remove it or use one of: {TRAIN_KEYS}"),
+    ("train.l1x=0.05", f"override 'train.l1x=0.05': train.l1x: unknown key. Fix: remove it or use one of: "
+                       f"{TRAIN_KEYS}"),
     ("l1=0.05", "override 'l1=0.05': l1: unknown key. Fix: remove it or use one of: name, model, corpus, capture, "
                 "sae, train, probe"),
     ("train.l1", f"override 'train.l1': not of the form key=value. Fix: write section.key=value, {FIX}"),
     ("train..l1=3", f"override 'train..l1=3': 'train..l1' is not a dotted key. Fix: write section.key=value, {FIX}"),
-    ("train.l1=abc", "override 'train.l1=abc': train.l1: expected a number, got 'abc'. Fix: write a number such as 0.1"),
+    ("train.l1=abc", "override 'train.l1=abc': train.l1: expected a number, got 'abc'. Fix: write a number "
+                     "such as 0.1"),
     ("train.steps=0", "override 'train.steps=0': train.steps: 0 is below the minimum 1. Fix: use a value >= 1"),
-    ("train.seeds=[0, 0]", "override 'train.seeds=[0, 0]': train.seeds [0, 0] repeats a seed. Fix: list each seed once"),
+    ("train.seeds=[0, 0]", "override 'train.seeds=[0, 0]': train.seeds [0, 0] repeats a seed. Fix: list each "
+                           "seed once"),
     ("train.seeds=[0,1", "override 'train.seeds=[0,1': the value is not valid YAML (line 1, column 5: while parsing "
                          "a flow sequence, expected ',' or ']', but got '<stream end>'). Fix: write a YAML value, "
                          "e.g. 0.05, true, null, sotu or [0, 1]"),
@@ -281,3 +284,13 @@ def test_a_derived_reproduction_records_the_base_stores_and_skips_when_rerun(smo
     assert (run / "saes" / "baseline" / "layer_2" / "seed_1" / "config.json").exists()
     assert not (run / "activations").exists() and store_state(runs_root / "smoke" / "activations") == before
     assert [r["status"] for r in reproduce("smoke", **args)] == ["skipped", "skipped"]
+
+
+def test_an_override_may_fix_what_the_file_alone_fails(tmp_path):
+    path = tmp_path / "narrow.yaml"
+    path.write_text("base: smoke\ncorpus: {seq_len: 4}\nsae: {buckets: 8}\n")
+    with pytest.raises(ConfigError, match=r"sae.buckets 8 exceeds corpus.seq_len 4"):
+        read_config(path)
+    cfg = read_config(path, "sae.buckets=4")
+    assert cfg.name == "narrow+sae.buckets=4"
+    assert cfg.stores_name == cfg.name  # the file cannot run alone, so no stores of its own to share

@@ -142,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
             from posae.checks import load_config
             from posae.pipeline.cost import format_plan, make_plan
 
-            config = load_config(args.config, check_model=False, overrides=args.overrides) if args.overrides else args.config
+            config = (load_config(args.config, check_model=False, overrides=args.overrides) if args.overrides
+                      else args.config)
             print(format_plan(make_plan(config, gpu=args.gpu)))
     return 0
 

@@ -4,11 +4,17 @@ A run config (``params/<name>.yaml``) has the sections below; every key is optio
 default written here. ``params/variants/<variant>.yaml`` holds only what a variant changes in the
 ``sae`` and ``train`` sections (plus the variant's own ``options``); `posae.saes.variant_config` merges it.
 
-Validation happens before any heavy work, in `read_config` (the file on its own) and then
-`posae.checks.load_config` (the file against the model, the corpus and the variants): an unknown or
+A run config may name a ``base:`` config and hold only the keys it changes, and ``key=value``
+overrides (``--set``, the notebooks' ``overrides`` parameter) may be applied on top; an overridden
+config gets its own name (`derived_name`), and a derived config whose model, corpus and capture
+settings equal an ancestor's reads that ancestor's activation stores (`Config.stores_name`).
+docs/configs.md says how to use them.
+
+Validation happens before any heavy work, in `read_config` (the files on their own) and then
+`posae.checks.load_config` (the config against the model, the corpus and the variants): an unknown or
 duplicated key, a wrong type, NaN or infinity, or a value out of range raises one `ConfigError`
-naming the file, the key and the fix. This module is the schema and its reader only; it imports
-nothing of posae but `paths`.
+naming the file (or override) that sets the key, the key and the fix. This module is the schema and
+its reader only; it imports nothing of posae but `paths`.
 
 The environment variable ``POSAE_DEVICE`` (auto, cpu, cuda or mps) overrides ``model.device`` in
 every config `read_config` returns: the command line's ``--device`` sets it (`device_env`), so the
@@ -256,7 +262,8 @@ def store_identity(cfg: Config) -> str:
 def shares_stores(cfg: Config, ancestor: Config) -> bool:
     """Whether `cfg` can use `ancestor`'s activation stores: every store it reads is one `ancestor`
     captures, under the same settings (model.device included, which the stores' content hash resolves)."""
-    return store_identity(cfg) == store_identity(ancestor) and set(cfg.capture.layers) <= set(ancestor.capture.layers)
+    return (store_identity(cfg) == store_identity(ancestor)
+            and set(cfg.capture.layers) <= set(ancestor.capture.layers))
 
 
 # --------------------------------------------------------------------------- loading
@@ -476,16 +483,16 @@ def read_config(name_or_path: str | Path = "default", overrides: Any = None) -> 
     for o in items:
         build_dataclass(Config, o.nested(), f"override {o.item!r}: ")
     data, origins = _merged(chain)
-    cfg = _finish(data, origins, chain, ())
     ancestors = [_ancestor(chain[i:]) for i in range(1, len(chain))]  # its base on its bases, and so on
-    if items:
+    if not items:
+        cfg = _finish(data, origins, chain, ())
+    else:  # the file itself is then one more ancestor, which need not pass the cross-key checks alone
+        ancestors = [_ancestor(chain), *ancestors]
         for o in items:
             data = deep_merge(data, o.nested())
-        origins = {**origins, **{o.key: f"override {o.item!r}" for o in items}}
-        over = _finish(data, origins, chain, items)
+        cfg = _finish(data, {**origins, **{o.key: f"override {o.item!r}" for o in items}}, chain, items)
         if "name" not in {o.key for o in items}:  # `name=` names the run itself
-            over = dataclasses.replace(over, name=derived_name(cfg.name, items, over))
-        cfg, ancestors = over, [cfg, *ancestors]
+            cfg = dataclasses.replace(cfg, name=derived_name(chain[0][1]["name"], items, cfg))
     # The root-most ancestor whose stores serve: configs derived side by side from one config share its stores.
     owner = next((a for a in reversed(ancestors) if a is not None and shares_stores(cfg, a)), None)
     if owner is not None:
@@ -789,9 +796,11 @@ def _check_semantics(cfg: Config) -> None:
     where = cfg.origin
     layers = cfg.capture.layers
     if not layers:
-        raise ConfigError(f"{where('capture.layers')}: capture.layers is empty. Fix: list at least one layer, e.g. [3, 8, 13]")
+        raise ConfigError(f"{where('capture.layers')}: capture.layers is empty. Fix: list at least one layer, "
+                          "e.g. [3, 8, 13]")
     if len(set(layers)) != len(layers) or any(l < 0 for l in layers):
-        raise ConfigError(f"{where('capture.layers')}: capture.layers {list(layers)} must be distinct and >= 0. Fix: list each layer once")
+        raise ConfigError(f"{where('capture.layers')}: capture.layers {list(layers)} must be distinct and >= 0. "
+                          "Fix: list each layer once")
     seeds = cfg.train.seeds
     if not seeds:
         raise ConfigError(f"{where('train.seeds')}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
@@ -801,9 +810,11 @@ def _check_semantics(cfg: Config) -> None:
     n_val, fraction = cfg.corpus.n_val, cfg.probe.test_fraction
     n_test = max(1, round(fraction * n_val))
     if n_test >= n_val:
-        raise ConfigError(f"{where('probe.test_fraction', 'corpus.n_val')}: probe.test_fraction {fraction} of corpus.n_val {n_val} sequences holds out "
+        raise ConfigError(f"{where('probe.test_fraction', 'corpus.n_val')}: probe.test_fraction {fraction} of "
+                          f"corpus.n_val {n_val} sequences holds out "
                           f"{n_test}, leaving no validation sequence to train the probes on. Fix: lower "
                           f"probe.test_fraction to at most {math.floor(1000 * (n_val - 1) / n_val) / 1000}, or "
                           "raise corpus.n_val")
     if cfg.sae.buckets > cfg.corpus.seq_len:
-        raise ConfigError(f"{where('sae.buckets', 'corpus.seq_len')}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")
+        raise ConfigError(f"{where('sae.buckets', 'corpus.seq_len')}: sae.buckets {cfg.sae.buckets} exceeds "
+                          f"corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")
