@@ -26,7 +26,7 @@ def test_default_is_the_offline_gemma_at_the_papers_relative_depths():
     cfg = load_config("default", check_model=False)
     assert cfg.model.name == "gemma3-270m" and cfg.corpus.name == "sotu"
     assert cfg.capture.layers == (3, 8, 13)
-    assert (cfg.corpus.seq_len, cfg.corpus.n_train, cfg.corpus.n_val) == (128, 1000, 1000)
+    assert (cfg.corpus.seq_len, cfg.corpus.n_train, cfg.corpus.n_val) == (128, 1000, 300)
 
 
 def test_paper_config_holds_the_papers_setting():
