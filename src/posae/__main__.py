@@ -46,6 +46,14 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v for item in values or [] for v in item.split(",") if v)
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                   help="override one key of the config, e.g. --set train.l1=0.05 (repeatable; the value is read as "
+                        "YAML: 0.05, true, null, [0, 1]); the result is a new config with its own runs/<name>/, "
+                        "sharing the config's activation stores when model, corpus and capture are unchanged "
+                        "(docs/configs.md)")
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
                    help="override model.device for this command and the notebooks it starts (sets POSAE_DEVICE); "
@@ -70,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                      "tcp://10.0.0.5:8786 (default: start a LocalCluster here)")
     rep.add_argument("--workers", type=int, help="with --executor dask and no --scheduler: LocalCluster workers, "
                      "one thread each (default: one per core)")
+    _add_set(rep)
     _add_device(rep)
 
     cap = sub.add_parser("capture", help="capture activations for a config (what notebook 01 does)")
     cap.add_argument("--config", default="default")
+    _add_set(cap)
     _add_device(cap)
 
     pln = sub.add_parser("plan", help="what a run of a config would do: tokens, store size, memory, time on a GPU",
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     pln.add_argument("--config", default="default", help="name under params/ or a YAML path (default: default)")
     pln.add_argument("--gpu", default="A100", type=str.upper, help="GPU for the time estimate: A100 (default), "
                      "H100, L4 or T4")
+    _add_set(pln)
     _add_device(pln)
 
     exp = sub.add_parser("export-saelens", help="write a trained run as a SAELens checkpoint (needs the saelens extra)",
@@ -115,21 +126,25 @@ def _run(args: argparse.Namespace) -> int:
             # --variants "" is a list naming nothing (refused), not "all": only leaving it out means all.
             reproduce(args.config, force=_split(args.force), only=_split(args.only),
                       variants=list(_split([args.variants])) if args.variants is not None else None,
-                      jobs=args.jobs, executor=args.executor, scheduler=args.scheduler, workers=args.workers)
+                      jobs=args.jobs, executor=args.executor, scheduler=args.scheduler, workers=args.workers,
+                      overrides=args.overrides)
         elif args.command == "capture":
             from posae.checks import load_config
             from posae.data.capture import capture
 
-            capture(load_config(args.config))
+            capture(load_config(args.config, overrides=args.overrides))
         elif args.command == "export-saelens":
             from posae.pipeline.export import export_saelens
 
             out = export_saelens(args.run_dir, args.out_dir, force=args.force)
             print(f"wrote {out}: load it with sae_lens.SAE.load_from_disk({str(out)!r}); it takes raw activations")
         elif args.command == "plan":
+            from posae.checks import load_config
             from posae.pipeline.cost import format_plan, make_plan
 
-            print(format_plan(make_plan(args.config, gpu=args.gpu)))
+            config = (load_config(args.config, check_model=False, overrides=args.overrides) if args.overrides
+                      else args.config)
+            print(format_plan(make_plan(config, gpu=args.gpu)))
     return 0
 
 

@@ -9,23 +9,45 @@ nothing of posae but `paths`, so nothing below it can pull the model code in; th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
-from posae.config import Config, read_config
+from posae.config import Config, ConfigError, read_config
 from posae.data import models
 from posae.data.capture import validate  # light: transformers loads only with a model
 
 
-def load_config(name_or_path: str | Path = "default", check_model: bool = True) -> Config:
-    """Load and validate a run config; raises ConfigError before any heavy work.
+def load_config(name_or_path: str | Path = "default", check_model: bool = True, overrides: Any = None) -> Config:
+    """Load and validate a run config, with `overrides` applied (`posae.config.read_config`: ``--set``, the
+    notebooks' ``overrides``); raises ConfigError before any heavy work.
 
     With `check_model`, the layers are checked against the model's layer count and the model and
     corpus names against what can be loaded (offline where possible: see `posae.data.models`).
     """
-    cfg = read_config(name_or_path)
+    cfg = read_config(name_or_path, overrides)
     if check_model:
-        check_world(cfg)
+        try:
+            check_world(cfg)
+        except ConfigError as e:
+            raise ConfigError(named_at_origin(cfg, str(e))) from None
     return cfg
+
+
+_KEY_AFTER_FILE = re.compile(r"[a-z_]+(\.[A-Za-z0-9_]+)+")
+
+
+def named_at_origin(cfg: Config, message: str) -> str:
+    """`message` ("<cfg.source>: <dotted key> ...", as the world checks name a key) naming instead the base
+    file or override that set the key, and which config inherited it; unchanged when the file set it."""
+    head = f"{cfg.source}: "
+    key = _KEY_AFTER_FILE.match(message[len(head):]) if message.startswith(head) else None
+    origin = cfg.origin(key[0]) if key else cfg.source
+    if origin == cfg.source:
+        return message
+    how = "applied to" if origin.startswith("override ") else "inherited by"
+    problem, fix, rest = message[len(head):].partition(" Fix: ")
+    return f"{origin}: {problem.rstrip('.')} ({how} {cfg.source}).{fix}{rest}"
 
 
 def check_world(cfg: Config) -> models.ModelInfo:

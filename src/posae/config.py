@@ -4,11 +4,17 @@ A run config (``params/<name>.yaml``) has the sections below; every key is optio
 default written here. ``params/variants/<variant>.yaml`` holds only what a variant changes in the
 ``sae`` and ``train`` sections (plus the variant's own ``options``); `posae.saes.variant_config` merges it.
 
-Validation happens before any heavy work, in `read_config` (the file on its own) and then
-`posae.checks.load_config` (the file against the model, the corpus and the variants): an unknown or
+A run config may name a ``base:`` config and hold only the keys it changes, and ``key=value``
+overrides (``--set``, the notebooks' ``overrides`` parameter) may be applied on top; an overridden
+config gets its own name (`derived_name`), and a derived config whose model, corpus and capture
+settings equal an ancestor's reads that ancestor's activation stores (`Config.stores_name`).
+docs/configs.md says how to use them.
+
+Validation happens before any heavy work, in `read_config` (the files on their own) and then
+`posae.checks.load_config` (the config against the model, the corpus and the variants): an unknown or
 duplicated key, a wrong type, NaN or infinity, or a value out of range raises one `ConfigError`
-naming the file, the key and the fix. This module is the schema and its reader only; it imports
-nothing of posae but `paths`.
+naming the file (or override) that sets the key, the key and the fix. This module is the schema and
+its reader only; it imports nothing of posae but `paths`.
 
 The environment variable ``POSAE_DEVICE`` (auto, cpu, cuda or mps) overrides ``model.device`` in
 every config `read_config` returns: the command line's ``--device`` sets it (`device_env`), so the
@@ -192,12 +198,72 @@ class Config:
     sae: SAEConfig = field(default_factory=SAEConfig, metadata={"help": "SAE architecture defaults"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "SAE training"})
     probe: ProbeConfig = field(default_factory=ProbeConfig, metadata={"help": "position probes"})
+    # Where the config came from: set by `read_config`, never read from YAML, left out of `to_dict` and of ==.
     source: str = field(default="<defaults>", compare=False, metadata={"help": "file it was loaded from"})
+    bases: tuple[str, ...] = field(default=(), compare=False, metadata={
+        "help": "the files it inherits from through `base:`, nearest first"})
+    overrides: tuple[str, ...] = field(default=(), compare=False, metadata={
+        "help": "the key=value overrides applied on top of the files (--set, the notebooks' `overrides`), by key"})
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, metadata={
+        "help": "(dotted key, the file or override that set it) for every key set: `origin`"})
+    stores_from: tuple[str, str, tuple[int, ...]] | None = field(default=None, compare=False, metadata={
+        "help": "(name, store identity, layers) of the ancestor whose activation stores this config reuses "
+                "(`stores_name`); None: its own"})
 
     def section_hash(self, *sections: str) -> str:
         """Content hash of the named sections, for deciding whether a product is stale."""
         blob = json.dumps({s: to_dict(getattr(self, s)) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def stores_name(self) -> str:
+        """The config whose ``runs/<name>/activations/`` holds this config's activation stores.
+
+        Its own name, unless it was derived (`base:` or overrides) from an ancestor with the same model,
+        corpus and capture settings and its layers among the ancestor's: then the ancestor's, so a derived
+        config that changes only sae, train or probe settings captures nothing. The identity is checked
+        again here, so a config changed in code after loading (`dataclasses.replace`) gets its own stores
+        rather than writing over the ancestor's.
+        """
+        if self.stores_from is not None:
+            owner, identity, layers = self.stores_from
+            if store_identity(self) == identity and set(self.capture.layers) <= set(layers):
+                return owner
+        return self.name
+
+    def origin(self, *keys: str) -> str:
+        """The file (or override) that set the first of `keys` that is set anywhere, for an error message;
+        `source` when none is (all at their defaults)."""
+        found = dict(self.origins)
+        for key in keys:
+            parts = key.split(".")
+            for n in range(len(parts), 0, -1):  # the key itself, else the nearest section that was set whole
+                label = found.get(".".join(parts[:n]))
+                if label is not None:
+                    return label
+        return self.source
+
+
+# Config fields that say where a config came from rather than what it is: no YAML key, not in `to_dict`.
+LOADED_FIELDS = frozenset(f.name for f in dataclasses.fields(Config) if f.compare is False)
+
+# The sections an activation store depends on (`posae.data.store.store_settings`: capture.layers aside,
+# each store being one layer's); a derived config equal in these to an ancestor reuses its stores.
+STORE_SECTIONS = ("model", "corpus", "capture")
+
+
+def store_identity(cfg: Config) -> str:
+    """Content hash of what a config's activation stores depend on, but the layers."""
+    blob = {s: to_dict(getattr(cfg, s)) for s in STORE_SECTIONS}
+    blob["capture"].pop("layers")
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shares_stores(cfg: Config, ancestor: Config) -> bool:
+    """Whether `cfg` can use `ancestor`'s activation stores: every store it reads is one `ancestor`
+    captures, under the same settings (model.device included, which the stores' content hash resolves)."""
+    return (store_identity(cfg) == store_identity(ancestor)
+            and set(cfg.capture.layers) <= set(ancestor.capture.layers))
 
 
 # --------------------------------------------------------------------------- loading
@@ -208,7 +274,8 @@ def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         # A field marked omit_default is left out at its default: added after stores were hashed, it
         # leaves the content hashes of the configs that do not set it (and so their stores) as they were.
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (isinstance(obj, Config) and f.name in LOADED_FIELDS)
                 and not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (tuple, list)):
         return [to_dict(v) for v in obj]
@@ -281,7 +348,7 @@ def _coerce(value: Any, tp: Any, where: str, meta: dict) -> Any:
 def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     """`prefix` is "<file>: " then the dotted key so far, e.g. "params/x.yaml: model."."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is Config and f.name in LOADED_FIELDS)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
@@ -345,6 +412,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: its own text spreads the position and a caret over several."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {', '.join(p for p in (e.context, e.problem) if p)}"
+
+
 def read_yaml(path: Path) -> dict:
     """A YAML file's top-level mapping; invalid YAML or a key given twice raises ConfigError."""
     loader = UniqueKeyLoader(path.read_text())  # what yaml.safe_load does, with this loader
@@ -355,11 +430,7 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: {e.key}: key given twice {lines}; YAML would keep only the second, silently "
                           f"dropping the first. Fix: write {e.key} once, merging the two") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        # One line: PyYAML's own text spreads the position and a caret over several.
-        detail = (f"line {mark.line + 1}, column {mark.column + 1}: "
-                  f"{', '.join(p for p in (e.context, e.problem) if p)}" if mark is not None else " ".join(str(e).split()))
-        raise ConfigError(f"{path}: not valid YAML ({detail}). Fix: correct the syntax") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)}). Fix: correct the syntax") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -392,20 +463,299 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def read_config(name_or_path: str | Path = "default") -> Config:
+def read_config(name_or_path: str | Path = "default", overrides: Any = None) -> Config:
     """Read a run config and check it on its own (types, bounds, sections that must agree); raises
-    ConfigError. Nothing outside the file is consulted: `posae.checks.load_config` adds the checks
-    against the world (the model, the corpus, the variants)."""
+    ConfigError. Nothing outside the files is consulted: `posae.checks.load_config` adds the checks
+    against the world (the model, the corpus, the variants).
+
+    A file may name a ``base:`` config (a name under params/ or a YAML path relative to the file's folder)
+    and hold only the keys it changes: sections are merged key by key, mappings deeply, a list or any
+    other value replaces the base's whole; ``name`` is never inherited. Bases may have bases; a cycle is
+    an error. `overrides` (`parse_overrides`: ``"train.l1=0.05,train.steps=600"`` or a list of
+    ``key=value``) are applied last and make a new config named by `derived_name`. Each key is checked
+    in the file or override that sets it, so an error names that one.
+    """
     path = resolve_config_path(name_or_path)
-    data = read_yaml(path)
-    data.setdefault("name", path.stem)
+    items = parse_overrides(overrides)
+    chain = read_chain(path)
+    for file, data in chain:  # each key is checked where it is written
+        build_dataclass(Config, data, f"{file}: ")
+    for o in items:
+        build_dataclass(Config, o.nested(), f"override {o.item!r}: ")
+    data, origins = _merged(chain)
+    ancestors = [_ancestor(chain[i:]) for i in range(1, len(chain))]  # its base on its bases, and so on
+    if not items:
+        cfg = _finish(data, origins, chain, ())
+    else:  # the file itself is then one more ancestor, which need not pass the cross-key checks alone
+        ancestors = [_ancestor(chain), *ancestors]
+        for o in items:
+            data = deep_merge(data, o.nested())
+        cfg = _finish(data, {**origins, **{o.key: f"override {o.item!r}" for o in items}}, chain, items)
+        if "name" not in {o.key for o in items}:  # `name=` names the run itself
+            cfg = dataclasses.replace(cfg, name=derived_name(chain[0][1]["name"], items, cfg))
+    # The root-most ancestor whose stores serve: configs derived side by side from one config share its stores.
+    owner = next((a for a in reversed(ancestors) if a is not None and shares_stores(cfg, a)), None)
+    if owner is not None:
+        cfg = dataclasses.replace(cfg, stores_from=(owner.name, store_identity(owner), owner.capture.layers))
+    return cfg
+
+
+def _ancestor(chain: list[tuple[Path, dict]]) -> Config | None:
+    """A base as a config of its own, to share its stores; None when it is not valid alone (a base may
+    leave a cross-key check to the file that uses it: its keys were checked one by one already)."""
+    try:
+        return _finish(*_merged(chain), chain, ())
+    except ConfigError:
+        return None
+
+
+def _finish(data: dict, origins: dict[str, str], chain: list[tuple[Path, dict]], items: tuple) -> Config:
+    """The Config of merged `data` whose file is chain[0] and bases the rest: device override, semantics."""
+    path = chain[0][0]
     cfg = build_dataclass(Config, data, f"{path}: ")
-    cfg = dataclasses.replace(cfg, source=str(path))
+    cfg = dataclasses.replace(cfg, source=str(path), bases=tuple(str(f) for f, _ in chain[1:]),
+                              overrides=tuple(o.item for o in items),
+                              origins=tuple(sorted(origins.items())))
     device = device_override()
     if device is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
-    _check_semantics(cfg, path)
+    _check_semantics(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------- bases
+
+
+BASE_KEY = "base"
+
+
+def read_chain(path: Path) -> list[tuple[Path, dict]]:
+    """(file, its data without `base:`) for the config at `path` and each base below it, nearest first;
+    each file's data holds its name (default: the file's name)."""
+    chain: list[tuple[Path, dict]] = []
+    while True:
+        if any(path.resolve() == f.resolve() for f, _ in chain):
+            cycle = " -> ".join(str(f) for f in [*(f for f, _ in chain), path])
+            raise ConfigError(f"{chain[-1][0]}: {BASE_KEY}: the bases form a cycle: {cycle}. Fix: remove "
+                              f"`{BASE_KEY}:` from one of these files, or point it at a config outside the cycle")
+        data = read_yaml(path)
+        base = data.pop(BASE_KEY, None)
+        data.setdefault("name", path.stem)
+        chain.append((path, data))
+        if base is None:
+            return chain
+        path = resolve_base(base, path)
+
+
+def resolve_base(base: Any, path: Path) -> Path:
+    """The file `base:` in `path` names: a config under params/, or a YAML path relative to `path`'s folder."""
+    known = ", ".join(sorted(q.stem for q in PARAMS_DIR.glob("*.yaml")))
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {BASE_KEY}: expected the name of a config, got {base!r}. Fix: write e.g. "
+                          f"{BASE_KEY}: default (configs under {PARAMS_DIR}: {known})")
+    if Path(base).suffix in (".yaml", ".yml"):
+        candidate = Path(base) if Path(base).is_absolute() else path.parent / base
+        what = f"no file {candidate}"
+    else:
+        candidate = PARAMS_DIR / f"{base}.yaml"
+        what = f"no config {candidate}"
+    if not candidate.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY}: {base!r}: {what}. Fix: use one of the configs under {PARAMS_DIR} "
+                          f"({known}), or a YAML path relative to {path.parent}")
+    return candidate
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on `base`: a mapping under a mapping is merged key by key; any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _leaf_keys(data: dict, prefix: str = "") -> Iterator[str]:
+    """Every dotted key `data` sets: its non-mapping values, and its empty mappings."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def _merged(chain: list[tuple[Path, dict]]) -> tuple[dict, dict[str, str]]:
+    """The chain's data merged (the root base first, the first file last) and the file that set each key;
+    the name is the first file's own (a name is never inherited)."""
+    data: dict = {}
+    origins: dict[str, str] = {}
+    for i, (file, own) in reversed(list(enumerate(chain))):
+        own = own if i == 0 else {k: v for k, v in own.items() if k != "name"}
+        data = deep_merge(data, own)
+        origins.update({key: str(file) for key in _leaf_keys(own)})
+    return data, origins
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+# PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot: 1.0e-3); for a number key an override means the number.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+OVERRIDES_FIX = 'e.g. --set train.l1=0.05 (papermill: -p overrides "train.l1=0.05,train.steps=600")'
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``key=value`` of ``--set`` or of the notebooks' ``overrides`` parameter."""
+
+    key: str  # dotted, e.g. "train.l1"
+    text: str  # the value as written, e.g. "0.05"
+    value: Any  # the value read as YAML, e.g. 0.05
+
+    @property
+    def item(self) -> str:
+        return f"{self.key}={self.text}"
+
+    def nested(self) -> dict:
+        """The override as the mapping a config file would write: {"train": {"l1": 0.05}}."""
+        out: Any = self.value
+        for part in reversed(self.key.split(".")):
+            out = {part: out}
+        return out
+
+
+def split_overrides(text: str) -> list[str]:
+    """`text` cut at its commas outside brackets, braces and quotes: "a=1,b=[0, 1]" -> ["a=1", "b=[0, 1]"]."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth <= 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
+def parse_overrides(overrides: Any) -> tuple[Override, ...]:
+    """Overrides as `Override`s sorted by key, each checked for its form (not yet against the schema).
+
+    `overrides` is None, a string of ``key=value`` items separated by commas (commas inside [...], {...}
+    or quotes belong to the value), or a list of ``key=value`` strings (each one item: ``--set``). A
+    value is read as YAML: 0.05, 600, true, null, [0, 1], sotu.
+    """
+    if overrides is None:
+        return ()
+    if isinstance(overrides, str):
+        texts = split_overrides(overrides)
+    elif isinstance(overrides, (list, tuple)) and all(isinstance(t, str) for t in overrides):
+        texts = list(overrides)
+    else:
+        raise ConfigError(f"overrides: expected key=value items, as a string separated by commas or as a list of "
+                          f"strings, got {overrides!r} ({type(overrides).__name__}). Fix: {OVERRIDES_FIX}")
+    items: dict[str, Override] = {}
+    for text in (t.strip() for t in texts):
+        if not text:
+            continue
+        key, eq, value_text = (part.strip() for part in text.partition("="))
+        if not eq:
+            raise ConfigError(f"override {text!r}: not of the form key=value. Fix: write section.key=value, "
+                              f"{OVERRIDES_FIX}")
+        if not _KEY.fullmatch(key):
+            raise ConfigError(f"override {text!r}: {key!r} is not a dotted key. Fix: write section.key=value, "
+                              f"{OVERRIDES_FIX}")
+        item = f"{key}={value_text}"
+        if key.split(".")[0] == BASE_KEY:
+            raise ConfigError(f"override {item!r}: {BASE_KEY} is chosen by the config file, not overridden. Fix: "
+                              "name the config to start from with --config (papermill: -p config)")
+        o = Override(key, value_text, _parse_value(item, key, value_text))
+        for other in items.values():
+            a, b = sorted((o.key, other.key))
+            if b == a or b.startswith(a + "."):
+                raise ConfigError(f"override {item!r}: {b} is set twice ({other.item}, {item}). Fix: set each "
+                                  "key once")
+        items[key] = o
+    return tuple(items[k] for k in sorted(items))
+
+
+def _parse_value(item: str, key: str, text: str) -> Any:
+    loader = UniqueKeyLoader(text)
+    try:
+        value = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}). Fix: write a YAML "
+                          "value, e.g. 0.05, true, null, sotu or [0, 1]") from None
+    finally:
+        loader.dispose()
+    if isinstance(value, str) and _EXPONENT.fullmatch(value) and _annotation(key) is float:
+        return float(value)
+    return value
+
+
+def _annotation(key: str) -> Any:
+    """The type the schema declares for a dotted key (Optional unwrapped); None for an unknown key."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    return tp
+
+
+# A derived name stays one short path component; longer ones keep a readable head and a hash.
+NAME_MAX = 120
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,-]*")
+
+
+def derived_name(name: str, items: tuple[Override, ...], cfg: Config) -> str:
+    """The name of config `name` with the overrides `items` applied (giving `cfg`): ``name+key=value`` for
+    each override by key, the value as the schema read it (``smoke+train.l1=0.05+train.seeds=0,1``).
+
+    Stable (the same overrides, in any order or spelling of one value, give one name), readable, and one
+    plain path component. A value that cannot be written so (a mapping, a string with other characters),
+    or a name beyond NAME_MAX characters, gives the readable part cut short and ``+`` an 8-digit hash of
+    the overrides, so that two different sets of overrides never share a name.
+    """
+    parts, exact = [], True
+    for o in items:
+        text = _render(_value_at(cfg, o.key))
+        if text is None or not _SAFE_VALUE.fullmatch(text):
+            exact = False
+            text = re.sub(r"[^A-Za-z0-9_.,-]+", "_", str(text if text is not None else _value_at(cfg, o.key)))
+        parts.append(f"{o.key}={text}")
+    readable = "+".join([name, *parts])
+    if exact and len(readable) <= NAME_MAX:
+        return readable
+    blob = json.dumps([[o.key, to_dict(_value_at(cfg, o.key))] for o in items], sort_keys=True)
+    return f"{readable[:NAME_MAX - 9]}+{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _value_at(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def _render(value: Any) -> str | None:
+    """A value as a name shows it; None for one that has no short exact form (a mapping)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float, str)):
+        return repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, (tuple, list)):
+        texts = [_render(v) for v in value]
+        return None if any(t is None or "," in t for t in texts) else ",".join(texts)
+    return None
 
 
 DEVICE_ENV = "POSAE_DEVICE"
@@ -441,24 +791,30 @@ def device_env(device: str | None) -> Iterator[None]:
             os.environ[DEVICE_ENV] = old
 
 
-def _check_semantics(cfg: Config, path: Path) -> None:
+def _check_semantics(cfg: Config) -> None:
+    """The checks that span keys; each message names the file (or override) that set the first key it names."""
+    where = cfg.origin
     layers = cfg.capture.layers
     if not layers:
-        raise ConfigError(f"{path}: capture.layers is empty. Fix: list at least one layer, e.g. [3, 8, 13]")
+        raise ConfigError(f"{where('capture.layers')}: capture.layers is empty. Fix: list at least one layer, "
+                          "e.g. [3, 8, 13]")
     if len(set(layers)) != len(layers) or any(l < 0 for l in layers):
-        raise ConfigError(f"{path}: capture.layers {list(layers)} must be distinct and >= 0. Fix: list each layer once")
+        raise ConfigError(f"{where('capture.layers')}: capture.layers {list(layers)} must be distinct and >= 0. "
+                          "Fix: list each layer once")
     seeds = cfg.train.seeds
     if not seeds:
-        raise ConfigError(f"{path}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
+        raise ConfigError(f"{where('train.seeds')}: train.seeds is empty. Fix: list at least one seed, e.g. [0, 1]")
     if len(set(seeds)) != len(seeds):  # one run folder per seed: a repeated seed would be one run counted twice
-        raise ConfigError(f"{path}: train.seeds {list(seeds)} repeats a seed. Fix: list each seed once")
+        raise ConfigError(f"{where('train.seeds')}: train.seeds {list(seeds)} repeats a seed. Fix: list each seed once")
     # As posae.eval.probing.split_by_sequence splits the validation sequences: at least one on each side.
     n_val, fraction = cfg.corpus.n_val, cfg.probe.test_fraction
     n_test = max(1, round(fraction * n_val))
     if n_test >= n_val:
-        raise ConfigError(f"{path}: probe.test_fraction {fraction} of corpus.n_val {n_val} sequences holds out "
+        raise ConfigError(f"{where('probe.test_fraction', 'corpus.n_val')}: probe.test_fraction {fraction} of "
+                          f"corpus.n_val {n_val} sequences holds out "
                           f"{n_test}, leaving no validation sequence to train the probes on. Fix: lower "
                           f"probe.test_fraction to at most {math.floor(1000 * (n_val - 1) / n_val) / 1000}, or "
                           "raise corpus.n_val")
     if cfg.sae.buckets > cfg.corpus.seq_len:
-        raise ConfigError(f"{path}: sae.buckets {cfg.sae.buckets} exceeds corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")
+        raise ConfigError(f"{where('sae.buckets', 'corpus.seq_len')}: sae.buckets {cfg.sae.buckets} exceeds "
+                          f"corpus.seq_len {cfg.corpus.seq_len}. Fix: use fewer buckets")

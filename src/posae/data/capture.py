@@ -118,7 +118,9 @@ def store_hash(cfg: Config, layer: int, split: str, forward_dtype: str, device: 
 
 
 def store_paths(cfg: Config) -> dict[tuple[int, str], Path]:
-    return {(layer, split): activations_dir(cfg.name, layer, split) for split in SPLITS for layer in cfg.capture.layers}
+    """Each store's folder: under runs/<cfg.stores_name>/, an ancestor's when a derived config shares its stores."""
+    return {(layer, split): activations_dir(cfg.stores_name, layer, split)
+            for split in SPLITS for layer in cfg.capture.layers}
 
 
 # --------------------------------------------------------------------------- capture

@@ -392,7 +392,8 @@ def store_settings(cfg: Config, layer: int) -> dict[str, Any]:
 
 
 def capture_lock(cfg: Config) -> Path:
-    return lock_path(run_dir(cfg.name) / "activations", "capture")
+    """One lock per stores folder: a derived config that shares its ancestor's stores takes the ancestor's."""
+    return lock_path(run_dir(cfg.stores_name) / "activations", "capture")
 
 
 def open_layer_stores(cfg, split: str, layers: list[int] | None = None) -> dict[int, ActivationStore]:
@@ -401,7 +402,7 @@ def open_layer_stores(cfg, split: str, layers: list[int] | None = None) -> dict[
     stores = {}
     with locked(capture_lock(cfg), "reading the activation stores", shared=True):  # not while a capture writes
         for layer in cfg.capture.layers if layers is None else layers:
-            store = ActivationStore.open(activations_dir(cfg.name, layer, split))
+            store = ActivationStore.open(activations_dir(cfg.stores_name, layer, split))
             check_settings(store, store_settings(cfg, layer), cfg.source)
             stores[layer] = store
     return stores

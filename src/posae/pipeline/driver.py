@@ -9,6 +9,8 @@ way, so both leave the same products byte for byte.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -17,12 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 from posae.checks import load_config
-from posae.config import Config
+from posae.config import Config, read_config
 from posae.paths import (NOTEBOOKS_DIR, check_writable, figures_dir, lock_path, locked, run_dir, write_json_atomic,
                          write_text_atomic)
-from posae.pipeline.stages import (Stage, StageFailed, UnknownStage, UpstreamNotReady, describe, fingerprint,
-                                   product_problems, products, products_digest, read_record, record_path, stage_list,
-                                   train_runs)
+from posae.pipeline.stages import (Stage, StageFailed, UnknownStage, UpstreamNotReady, config_parameter, describe,
+                                   fingerprint, product_problems, products, products_digest, read_record, record_path,
+                                   stage_list, train_runs)
 
 
 def render_html(notebook: Path, html: Path) -> None:
@@ -225,8 +227,9 @@ class _Run:
 def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[str, ...] = (),
               variants: list[str] | None = None, log: Callable[[str], None] = print,
               jobs: int | None = None, executor: str = "local", scheduler: str | None = None,
-              workers: int | None = None) -> list[dict]:
-    """Run the pipeline for `config`; returns one row per stage (name, status, seconds).
+              workers: int | None = None, overrides: list[str] | str | None = None) -> list[dict]:
+    """Run the pipeline for `config` with `overrides` (``--set``: `posae.config.parse_overrides`); returns
+    one row per stage (name, status, seconds).
 
     `force` reruns the named stages (and, through the fingerprints, nothing else is invalidated);
     `only` restricts the run to the named stages ("train" selects every training stage). The
@@ -235,17 +238,18 @@ def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[
     `default_jobs()`). With `executor="dask"` each run (variant × layer × seed) is a Dask task and
     each variant's notebook a task after its runs, on the scheduler at `scheduler` or, without one,
     on a LocalCluster of `workers` single-threaded workers started here (default: `default_jobs()`).
-    The other stages run here in both cases, so both executors leave the same products.
+    The other stages run here in both cases, so both executors leave the same products. Every notebook
+    gets the same overrides (`with_overrides`), so each loads the config the driver loaded.
     """
     # Every argument is checked before anything is written: a bad one must not wait for the capture stage.
     check_executor(executor, scheduler, workers, jobs)
     jobs = default_jobs() if jobs is None else jobs
-    cfg = load_config(config)  # validates everything before any stage runs
+    cfg = load_config(config, overrides=overrides)  # validates everything before any stage runs
     if variants is not None:
         from posae.saes import check_variants
 
         check_variants(cfg, variants)  # unknown, repeated or no names
-    stages = stage_list(cfg, variants)
+    stages = with_overrides(cfg, stage_list(cfg, variants))
     known = {s.name for s in stages} | {"train"}
     for name in (*force, *only):
         if name not in known:
@@ -260,9 +264,20 @@ def reproduce(config: str = "default", force: tuple[str, ...] = (), only: tuple[
         return _reproduce(cfg, stages, selected, force, log, jobs, executor, scheduler, workers)
 
 
+def with_overrides(cfg: Config, stages: list[Stage]) -> list[Stage]:
+    """The stages with `cfg`'s overrides among their parameters (a list of key=value: papermill passes it
+    whole, commas in values included), `config` naming the file they apply to; unchanged without overrides,
+    so the fingerprints of a config without them stay what they were."""
+    if not cfg.overrides:
+        return stages
+    common = {"config": config_parameter(read_config(cfg.source)), "overrides": list(cfg.overrides)}
+    return [dataclasses.replace(s, parameters={**s.parameters, **common}) for s in stages]
+
+
 def driver_lock(cfg: Config, config: str):
     """One driver per config: a second one stops at once, naming the first (a killed driver's lock is free)."""
-    return locked(lock_path(run_dir(cfg.name), "driver"), f"reproduce --config {config}", wait=False,
+    sets = "".join(f" --set {o}" for o in cfg.overrides)
+    return locked(lock_path(run_dir(cfg.name), "driver"), f"reproduce --config {config}{sets}", wait=False,
                   busy_fix="Fix: wait for that run to finish, or stop it (kill {pid}) and rerun: a stopped "
                            "driver's lock is released at once and the rerun resumes where it stopped")
 
@@ -380,13 +395,14 @@ def _enter(env: dict[str, str]) -> None:
     torch.set_num_threads(int(env["POSAE_THREADS"]))
 
 
-def train_task(config: str, variant: str, layer: int, seed: int, env: dict[str, str]) -> float:
+def train_task(config: str, variant: str, layer: int, seed: int, env: dict[str, str],
+               overrides: list[str] | None = None) -> float:
     """One training run on a worker (skipped when already finished); returns its seconds."""
     _enter(env)
     from posae.train import train_variant
 
     t0 = time.perf_counter()
-    train_variant(config, variant, [layer], [seed], progress=False)
+    train_variant(load_config(config, check_model=False, overrides=overrides), variant, [layer], [seed], progress=False)
     return time.perf_counter() - t0
 
 
@@ -478,9 +494,11 @@ def _task_failed(stage: Stage, error: BaseException, run: tuple[int, int] | None
     msg = f"stage {stage.name} failed in {stage.notebook}: {type(error).__name__}: {error}"
     if run is not None:
         layer, seed = run
+        overrides = stage.parameters.get("overrides")
         msg += (f"\nThe failed Dask task trained layer {layer}, seed {seed}. To see the traceback, run it alone: "
                 f"papermill notebooks/{stage.notebook} out.ipynb -p config {stage.parameters['config']} "
-                f"-p variant {stage.parameters['variant']} -y 'layers: [{layer}]' -y 'seeds: [{seed}]'")
+                f"-p variant {stage.parameters['variant']} -y 'layers: [{layer}]' -y 'seeds: [{seed}]'"
+                + (f" -y '{json.dumps({'overrides': overrides})}'" if overrides else ""))
     return StageFailed(msg)
 
 
@@ -506,7 +524,8 @@ def _run_on_dask(run: _Run, stages: list[tuple[int, Stage]], pool: DaskPool) -> 
             variant, config = stage.parameters["variant"], stage.parameters["config"]
             runs = []
             for layer, seed in train_runs(run.cfg, stage):
-                f = client.submit(train_task, config, variant, layer, seed, env, pure=False,
+                f = client.submit(train_task, config, variant, layer, seed, env, stage.parameters.get("overrides"),
+                                  pure=False,
                                   key=f"posae-train-{variant}-layer{layer}-seed{seed}-{tag}")
                 what[f] = (i, stage, (layer, seed))
                 runs.append(f)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -108,6 +109,7 @@ def fingerprint(stage: Stage, cfg: Config, upstream: dict[str, str]) -> str:
         "notebook": _file_digest(NOTEBOOKS_DIR / stage.notebook),
         "parameters": stage.parameters,
         "config": _file_digest(Path(cfg.source)),
+        **({"bases": [_file_digest(Path(b)) for b in cfg.bases]} if cfg.bases else {}),  # base: files it inherits
         "inputs": {str(p.name): _file_digest(p) for p in stage.inputs},
         "upstream": {d: upstream[d] for d in stage.depends},
     }
@@ -153,7 +155,9 @@ def _in_run(cfg: Config, path: Path) -> Product:
 def _capture_products(cfg: Config, stage: Stage) -> list[Product]:
     from posae.data.capture import store_paths
 
-    return [_in_run(cfg, p) for p in store_paths(cfg).values()]
+    # A derived config's stores may be its ancestor's (`Config.stores_name`): keyed from this run all the same.
+    keys = {p: Path(os.path.relpath(p, run_dir(cfg.name))).as_posix() for p in store_paths(cfg).values()}
+    return [Product(key, p, key) for p, key in keys.items()]
 
 
 def _ground_truth_products(cfg: Config, stage: Stage) -> list[Product]:
