@@ -691,7 +691,7 @@ KNOWN = ", ".join(sorted(REGISTRY))
 
 
 def stage_names(*names: str) -> str:
-    return ", ".join(sorted({*names, "train", "ground_truth", "capture", "structure", "probe", "ablations", "figures"}))
+    return ", ".join(sorted({*names, "train", "ground_truth", "capture", "structure", "probe", "ablations", "inspect", "figures"}))
 
 
 BAD_ARGUMENTS = [

@@ -144,7 +144,7 @@ def test_changed_or_missing_runs_are_trained_again(copy, reference):
                  "train:residual: rerunning: saes/residual/layer_1/seed_1 is missing"):
         assert says in log, log
     # A retrained run's config.json holds its own timings, so what reads the runs reruns too.
-    assert ran == ["train:baseline", "train:contrastive", "train:residual", "probe", "ablations", "figures"], log
+    assert ran == ["train:baseline", "train:contrastive", "train:residual", "probe", "ablations", "inspect", "figures"], log
     assert "probe: rerunning: the products of train:baseline changed since it ran" in log
     assert_repaired(copy, reference, *(f"saes/{v}/layer_{layer}/seed_{s}/{checkpoint.WEIGHTS}" for v, layer, s in
                                        (("baseline", 2, 0), ("contrastive", 1, 0), ("residual", 1, 1))))
