@@ -40,12 +40,14 @@ def test_the_default_grid_has_the_documented_points_and_distinct_runs(study_cfg)
                                                "gate_init": 3 * (2 + 1)}
     assert {p.layer for p in points if p.part != "contrastive"} == {8}
     assert {p.layer for p in points if p.part == "contrastive"} == {3, 8, 13}
-    # Shared with the study config itself: the sparsity part's λ1 = 0.1 (seed 0, the six budget variants), the
-    # contrastive part's λ2 = 0.3 and baselines on layer 8 (2 + 2), the 0.5 gate start (1x two seeds, 16x one).
-    assert len(st.distinct_runs(study_cfg, points)) == 136 - 6 - 4 - 3 == 123
+    # Shared with the study config itself: the sparsity part's λ1 x 1 (seed 0, five budget variants: soft_masking's
+    # is train.l1 = 0.1 / 0.4 there), the contrastive part's λ2 = 0.3 and baselines on layer 8 (2 + 2), the 0.5 gate
+    # start (1x two seeds, 16x one).
+    assert len(st.distinct_runs(study_cfg, points)) == 136 - 5 - 4 - 3 == 124
     names = {st.run_of(study_cfg, p).config for p in points}
+    l1s = ("0.03", "0.05", "0.15", "0.22", "0.075", "0.125", "0.25", "0.375", "0.55", "0.015", "0.025", "0.11")
     assert names == {"study", "study+train.steps=1200", "study+train.steps=4800",
-                     *(f"study+train.l1={v}" for v in ("0.03", "0.05", "0.15", "0.22")),
+                     *(f"study+train.l1={v}" for v in l1s),
                      *(f"study+sae.options.contrastive.weight={v}" for v in ("0", "0.1", "1", "3")),
                      *(f"study+sae.options.hierarchical.gate_init={v}{s}" for v in ("-1.9924", "1.9924")
                        for s in ("", "+train.steps=4800"))}
@@ -67,6 +69,8 @@ def test_a_point_trains_what_it_names(study_cfg):
     for p in points:
         v = variant_config(st.point_config(study_cfg, p), p.variant)
         assert v.train.l1 == p.l1 and v.train.steps == p.factor * 300
+        if p.part == "sparsity":  # every variant sweeps the same λ1 x l1_scale
+            assert v.train.l1 * v.train.l1_scale in [pytest.approx(m * 0.1) for m in st.Grid().l1_factors]
         if p.variant == "contrastive":
             assert v.sae.options["weight"] == p.weight
         if p.variant == "hierarchical":
@@ -75,7 +79,7 @@ def test_a_point_trains_what_it_names(study_cfg):
 
 def test_the_estimated_cost_fits_the_cap(study_cfg):
     cost = st.cost(study_cfg, st.grid_points(study_cfg)).set_index("part")
-    assert cost.loc["total", "runs"] == 123
+    assert cost.loc["total", "runs"] == 124
     assert cost.loc["total", "wall_min"] < 45  # `make study` after `make reproduce` (docs/study.md)
 
 

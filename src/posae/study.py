@@ -74,9 +74,9 @@ class Grid:
                                         "position_masking")
     factors: tuple[int, ...] = (1, 4, 16)  # multiples of train.steps
     budget_seeds: int = 2
-    # Multiples of train.l1. On the default run's layer 8, λ1 = 0.1 gives the baseline L0 33 and L0 scales about
-    # as λ1^-1.65 there (soft masking at 0.4x: L0 183; at 2x: 13), so 0.3x-2.2x spans L0 ≈ 240 to ≈ 9. The soft
-    # masking pair multiplies λ1 by its own l1_scale (0.4, 2), so its range sits lower or higher.
+    # Multiples of the config's λ1 that each variant trains with (train.l1 x its l1_scale: a soft-masking variant
+    # gets train.l1 / l1_scale, so every variant spans the same range). Measured on the default run's layer 8:
+    # 0.3x-2.2x gave the baseline L0 255, 131, 33, 15, 10, hierarchical 251-11, position_masking 158-2.
     l1_factors: tuple[float, ...] = (0.3, 0.5, 1.0, 1.5, 2.2)
     sparsity_variants: tuple[str, ...] | None = None  # None: every registered variant
     sparsity_seeds: int = 1
@@ -106,7 +106,7 @@ class Point(NamedTuple):
     layer: int
     seed: int
     factor: int  # steps = factor x train.steps
-    l1: float  # train.l1 (before the variant's l1_scale)
+    l1: float  # train.l1 (the variant multiplies it by its l1_scale)
     weight: float  # contrastive's λ2 (NaN for other variants)
     gate_init: float  # hierarchical's initial gate logit (NaN for other variants)
     overrides: tuple[str, ...]  # key=value on top of the study config's own; () = the study config itself
@@ -160,7 +160,8 @@ def grid_points(cfg: Config, grid: Grid = Grid()) -> list[Point]:
     points = [point("budget", v, layer, s, factor=f)
               for v in grid.budget_variants for f in grid.factors for s in seeds[:grid.budget_seeds]]
     sparsity = sorted(REGISTRY) if grid.sparsity_variants is None else grid.sparsity_variants
-    points += [point("sparsity", v, layer, s, l1=_number(m * base_l1))
+    scale = {v: variant_config(cfg, v).train.l1_scale for v in sparsity}
+    points += [point("sparsity", v, layer, s, l1=_number(m * base_l1 / scale[v]))
                for v in sparsity for m in grid.l1_factors for s in seeds[:grid.sparsity_seeds]]
     layers = list(cfg.capture.layers) if grid.contrastive_layers is None else list(grid.contrastive_layers)
     cs = seeds[:grid.contrastive_seeds]
@@ -170,7 +171,6 @@ def grid_points(cfg: Config, grid: Grid = Grid()) -> list[Point]:
     points += [point("gate_init", GATED, layer, s, factor=f, gate=logit(m))
                for m in grid.gate_means for f, n in zip(grid.gate_factors, grid.gate_seeds) for s in seeds[:n]]
     return points
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,8 +205,7 @@ def distinct_runs(cfg: Config, points: list[Point]) -> dict[Run, tuple[Point, tu
     found: dict[Run, tuple[Point, set[str]]] = {}
     for p in points:
         r = run_of(cfg, p)
-        first, needs = found.setdefault(r, (p, set()))
-        needs.update(NEEDS[p.part])
+        found.setdefault(r, (p, set()))[1].update(NEEDS[p.part])
     return {r: (p, tuple(sorted(n))) for r, (p, n) in sorted(found.items())}
 
 
@@ -230,8 +229,9 @@ def grid_frame(cfg: Config, points: list[Point]) -> pd.DataFrame:
 STEP_SECONDS = {"baseline": 0.032, "position_weighted": 0.032, "hierarchical": 0.034, "contrastive": 0.040}
 STEP_SECONDS_OTHER = 0.034
 # Evaluation per run (same machine, one thread): metrics on 128 sequences 0.8 s, the seven probe fits 3-4 s,
-# a fidelity splice ~0.75 s of CPU; the halves are metrics and probes twice.
-EVAL_SECONDS = {"metrics": 0.8, "probes": 3.5, "fidelity": 0.75, "halves": 2 * (0.8 + 3.5)}
+# a fidelity splice ~0.75 s of CPU; the halves (metrics and probes on each) 12.8-13.4 s for a contrastive run on
+# the default stores with the other core busy.
+EVAL_SECONDS = {"metrics": 0.8, "probes": 3.5, "fidelity": 0.75, "halves": 12.0}
 FIXED_SECONDS = 60.0  # kernel start, two worker pools, the model's load and clean passes, figures
 
 
@@ -282,7 +282,13 @@ def _pool_map(fn, args: list, jobs: int | None) -> list:
     """`fn` over `args` in `jobs` spawn processes of one thread each (in this process when one suffices)."""
     n = workers(jobs, len(args))
     if n == 1:
-        return [fn(a) for a in args]
+        import torch
+
+        before = torch.get_num_threads()  # `fn` sets one thread, as in a worker: this process gets its own back
+        try:
+            return [fn(a) for a in args]
+        finally:
+            torch.set_num_threads(before)
     with one_thread_env(), ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(fn, args))
 
@@ -446,8 +452,9 @@ def _evaluate_one(arg: tuple[Config, str, tuple[str, ...], str]) -> dict:
     metrics = evaluate_run(folder, store, rows, buckets).metrics.iloc[0].to_dict()
     sae = checkpoint.load_sae(folder)
     row = {"key": key, "metrics": metrics, "ends": sae.diagnostics(),
-           "info": {k: info.get(k) for k in ("variant", "layer", "seed", "steps", "diagnostics_start",
-                                             "resampled_fraction", "train_seconds", "tokens_per_s")},
+           "info": {**{k: info.get(k) for k in ("variant", "layer", "seed", "steps", "diagnostics_start",
+                                                "resampled_fraction", "train_seconds", "tokens_per_s")},
+                    "l1_scale": info["config"]["train"]["l1_scale"]},
            "final": (checkpoint.read_metrics(folder) or [{}])[-1]}
     if "probes" in needs:
         tokens = _val_cache(("tokens", store.path, pc), lambda: probe_tokens(store, pc, buckets))
@@ -519,7 +526,8 @@ def point_rows(points: list[Point], runs: dict[Point, Run], evaluations: dict[Ru
         r = runs[p]
         ev = evaluations[r]
         info, final = ev["info"], ev["final"]
-        row = {**p._asdict(), "overrides": ",".join(p.overrides), "config": r.config, **ev["metrics"]}
+        row = {**p._asdict(), "overrides": ",".join(p.overrides), "config": r.config,
+               "l1_effective": p.l1 * info["l1_scale"], **ev["metrics"]}
         row.update({f"probe/{k}": v for k, v in (ev.get("probes") or {}).items()})
         row.update({f"fidelity/{k}": v for k, v in (ev.get("fidelity") or {}).items() if k != "key"})
         row.update({"gate_start": (info.get("diagnostics_start") or {}).get("gate_mean", math.nan),
@@ -589,9 +597,11 @@ FRONTIER = {"val/explained_variance": "EV", "val/mse": "MSE", "fidelity/ce_score
 
 
 def frontier(df: pd.DataFrame) -> pd.DataFrame:
-    """The sparsity part's points: variant, seed, λ1 (before the variant's l1_scale), L0, EV, MSE, CE score."""
+    """The sparsity part's points: variant, seed, train.l1, the λ1 it trains with (× l1_scale), L0, EV, MSE, CE
+    score, dead fraction (high where λ1 is: a low-L0 point is partly dead features)."""
     s = df[df["part"] == "sparsity"]
-    cols = ["variant", "seed", "l1", "sparsity/l0", *[c for c in FRONTIER if c in s]]
+    cols = ["variant", "seed", "l1", "l1_effective", "sparsity/l0", *[c for c in FRONTIER if c in s],
+            "sparsity/dead_fraction"]
     return s[cols].sort_values(["variant", "l1"]).reset_index(drop=True)
 
 
