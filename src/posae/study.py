@@ -7,10 +7,10 @@ trains into its own ``runs/<derived name>/`` and reads the base config's activat
 
 - **budget**: six variants at 1×, 4× and 16× the config's optimizer steps (``train.steps``; warm-up, decay,
   λ1 ramp and the resampling threshold are fractions of the run, so they stretch with it), two seeds;
-- **sparsity**: every registered variant at five values of λ1 (``train.l1``: multiples of the config's, chosen
-  so that the baseline-like variants span L0 ≈ 10–200 on layer 8), one seed: the EV–L0 and CE-score–L0
-  frontiers, and each variant's metrics read off its frontier at a common L0 (`at_l0`: linear in log L0, NaN
-  outside the measured range);
+- **sparsity**: every registered variant at five values of the λ1 it trains with (``train.l1`` × its
+  ``l1_scale``: 0.3–2.2 × the config's, L0 ≈ 255 to 10 for the baseline on layer 8), one seed: the EV–L0 and
+  CE-score–L0 frontiers, and each variant's metrics read off its frontier at a common L0 (`at_l0`: linear in
+  log L0, NaN outside the measured range);
 - **contrastive**: λ2 (``sae.options.contrastive.weight``) ∈ {0, 0.1, 0.3, 1, 3} on every captured layer, two
   seeds, with the baseline beside it; the validation sequences are cut in two halves by sequence id (`halves`),
   λ2 is selected on one (`select_lambda2`) and every reported score comes from the other;
@@ -18,7 +18,7 @@ trains into its own ``runs/<derived name>/`` and reads the base config's activat
   seed; the 0.5 start is the budget part's own run, two seeds).
 
 A point equal to the study config (1×, the config's λ1, the variant's own λ2 and gate) has no overrides, so the
-parts share its run folder: 123 distinct runs for 136 points by default (`grid_points`, `distinct_runs`).
+parts share its run folder: 124 distinct runs for 136 points by default (`grid_points`, `distinct_runs`).
 
 Training goes to worker processes, one torch thread each (`train_all`, as `posae.eval.ground_truth.train_all`);
 `posae.train.train_run` skips finished runs and resumes a killed one from its checkpoint. Evaluation reuses the
