@@ -843,33 +843,46 @@ def run_study(cfg: Config, grid: Grid = Grid(), jobs: int | None = None, referen
 # --------------------------------------------------------------------------- figures and files
 
 
-def _legend_below(fig, ax):
-    """The legend of `ax` under the panels, so the figure keeps the page's width (a legend beside the panels
-    would widen the saved PNG past it)."""
+def _legend_below(fig, axes, ncol: int = 4):
+    """One legend, from the first of `axes` that has one, under the panels (every other legend removed), so that
+    it covers no data and the figure keeps the page's width (a legend beside the panels would widen the PNG)."""
     fig.tight_layout()
-    legend = ax.get_legend()
-    if legend is not None:
-        handles, labels = ax.get_legend_handles_labels()
-        legend.remove()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+    handles, labels = [], []
+    for ax in axes:
+        if ax.get_legend() is not None:
+            if not labels:
+                handles, labels = ax.get_legend_handles_labels()
+            ax.get_legend().remove()
+    if labels:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), ncol),
                    fontsize=7, frameon=False)
     return fig
 
 
 def _log_axis(ax, ticks=None) -> None:
     """A log x axis labelled with plain numbers (`ticks`, else matplotlib's major ticks), no minor labels."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     ax.set_xscale("log")
     if ticks is not None:
         ax.set_xticks(sorted(set(ticks)))
+    else:  # 1, 2, 5 per decade: a frontier spanning less than a decade still gets labels
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _median_and_range(ax, df: pd.DataFrame, x: str, y: str, hue: str, palette: dict | None = None) -> None:
+    """Per `hue`, the median over the rows at each `x` (seeds) as a line, their range as a band: every quantity
+    drawn here is one that cannot go below zero, so no mean ± std (the house style of `posae.report.plots`)."""
+    import seaborn as sns
+
+    sns.lineplot(data=df, x=x, y=y, hue=hue, estimator="median", errorbar=("pi", 100), marker="o", ax=ax,
+                 palette=palette)
+
+
 def _budget_figure(study: Study):
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     from posae.report.plots import PAGE_WIDTH_IN
 
@@ -881,12 +894,13 @@ def _budget_figure(study: Study):
               ("probe/U_x", "U_x (position input shuffled)"), ("probe/U", "U (position input kept)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, 2.6), sharex=True)
     for ax, (col, label) in zip(axes, panels):
-        sns.lineplot(data=b, x="steps", y=col, hue="variant", marker="o", errorbar=("pi", 100), ax=ax,
-                     legend=ax is axes[-1])
+        _median_and_range(ax, b, "steps", col, "variant")
         _log_axis(ax, b["steps"])
         ax.set(xlabel="optimizer steps", ylabel="", title=label)
         ax.title.set_fontsize(8)
-    return _legend_below(fig, axes[-1])
+        if col.startswith("probe/"):  # U and U_x start at 0
+            ax.set_ylim(bottom=0)
+    return _legend_below(fig, axes)
 
 
 def _frontier_figure(study: Study):
@@ -899,60 +913,62 @@ def _frontier_figure(study: Study):
     panels = [c for c in ("val/explained_variance", "fidelity/ce_score") if c in f]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(PAGE_WIDTH_IN, 2.8))
     for ax, col in zip(axes, panels):
-        sns.lineplot(data=f, x="sparsity/l0", y=col, hue="variant", marker="o", ax=ax, legend=False, sort=True,
-                     estimator=None)
+        sns.lineplot(data=f, x="sparsity/l0", y=col, hue="variant", marker="o", ax=ax, sort=True, estimator=None)
         ax.axvline(study.target_l0, color="grey", ls="--", lw=1)
         _log_axis(ax)
         ax.set(xlabel="L0 (active features per token)", ylabel=FRONTIER[col], title=f"{FRONTIER[col]}–L0")
     m = study.matched.dropna(subset=["mse_ratio"])
-    sns.lineplot(data=m, x="l0", y="mse_ratio", hue="variant", marker="o", ax=axes[-1])
+    sns.lineplot(data=m, x="l0", y="mse_ratio", hue="variant", marker="o", ax=axes[-1], legend=False)
     axes[-1].axhline(1.0, color="grey", ls="--", lw=1)
     _log_axis(axes[-1], m["l0"] if len(m) else None)
     axes[-1].set(xlabel="matched L0", ylabel="MSE / baseline's at that L0", title="matched sparsity")
-    return _legend_below(fig, axes[-1])
+    return _legend_below(fig, axes)
 
 
 def _contrastive_figure(study: Study):
+    import matplotlib.pyplot as plt
+
+    from posae.report.plots import PAGE_WIDTH_IN, layer_label, layer_palette
+
+    s = study.contrastive[study.contrastive["half"] == "report"]
+    s = s.assign(layer=s["layer"].map(layer_label))
+    panels = [("U_x", "U_x"), ("U", "U, input kept"), ("mse_ratio", "MSE / baseline's"),
+              ("dead_fraction", "dead fraction")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, 2.6), sharex=True)
+    lams = sorted(set(s["lambda2"]))
+    for ax, (col, label) in zip(axes, panels):
+        _median_and_range(ax, s, "lambda2", col, "layer", layer_palette(s["layer"]))
+        if np.isfinite(study.lambda2):
+            ax.axvline(study.lambda2, color="tab:red", ls=":", lw=1)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xticks(lams, [f"{v:g}" for v in lams], fontsize=7)
+        ax.set(xlabel="λ2", ylabel="", title=label)
+        ax.title.set_fontsize(8)
+        if col != "mse_ratio":  # scores and shares start at 0
+            ax.set_ylim(bottom=0)
+    return _legend_below(fig, axes)
+
+
+def _gate_figure(study: Study):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     from posae.report.plots import PAGE_WIDTH_IN
 
-    s = study.contrastive[study.contrastive["half"] == "report"].assign(
-        layer=lambda d: d["layer"].map("layer {}".format))
-    panels = [("U_x", "U_x"), ("U", "U, input kept"), ("mse_ratio", "MSE / baseline's"),
-              ("dead_fraction", "dead fraction")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, 2.6), sharex=True)
-    for ax, (col, label) in zip(axes, panels):
-        sns.lineplot(data=s, x="lambda2", y=col, hue="layer", marker="o", errorbar=("pi", 100), ax=ax,
-                     legend=ax is axes[-1])
-        if np.isfinite(study.lambda2):
-            ax.axvline(study.lambda2, color="tab:red", ls=":", lw=1)
-        ax.set_xscale("symlog", linthresh=0.1)
-        lams = sorted(set(s["lambda2"]))
-        ax.set_xticks(lams, [f"{v:g}" for v in lams], fontsize=7)
-        ax.set(xlabel="λ2", ylabel="", title=label)
-        ax.title.set_fontsize(8)
-    return _legend_below(fig, axes[-1])
-
-
-def _gate_figure(study: Study):
-    import matplotlib.pyplot as plt
-
-    from posae.report.plots import PAGE_WIDTH_IN
-
-    g = study.gate
+    g = study.df[study.df["part"] == "gate_init"]
+    g = g.assign(budget_label=[f"{f}x ({f * study.cfg.train.steps} steps)" for f in g["factor"]])
     fig, ax = plt.subplots(figsize=(PAGE_WIDTH_IN * 0.6, 2.8))
-    for f, sub in g.groupby("factor"):
-        ax.errorbar(sub["start"], sub["end"], yerr=sub["end_se"].fillna(0), fmt="o-", capsize=2,
-                    label=f"{f}x ({f * study.cfg.train.steps} steps)")
-        ax.fill_between(sub["start"], sub["reach_low"], sub["reach_high"], alpha=0.1)
-    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
     ax.axhspan(0.09, 0.15, color="tab:red", alpha=0.1, label="paper: 0.12 ± 0.03")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="gate σ(G) at the start", ylabel="gate σ(G) at the end")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="end = start")
+    sns.lineplot(data=g, x="gate_start", y="gate_end", hue="budget_label", estimator="median", errorbar=None,
+                 ax=ax)
+    sns.scatterplot(data=g, x="gate_start", y="gate_end", hue="budget_label", ax=ax, legend=False, s=18)
+    for f, sub in study.gate.groupby("factor"):
+        ax.vlines(sub["start"], sub["reach_low"], sub["reach_high"], color="grey", lw=4, alpha=0.25)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="gate σ(G) at the start", ylabel="gate σ(G) at the end (runs, median)",
+           title="grey: σ(start ± Σ lr_t), what a run can reach")
+    ax.title.set_fontsize(8)
+    return _legend_below(fig, [ax], ncol=2)
 
 
 FIGURES = {"budget": _budget_figure, "frontier": _frontier_figure, "contrastive": _contrastive_figure,
