@@ -7,7 +7,7 @@ STAMP := $(VENV)/.posae-installed
 CONFIG ?= default
 PYTEST_ARGS ?=
 
-.PHONY: setup reproduce test test-real test-extras test-kill test-concurrency bench clean lock
+.PHONY: setup reproduce study test test-real test-extras test-kill test-concurrency bench clean lock
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 reproduce: setup
 	$(PY) -m posae reproduce --config $(CONFIG)
+
+# The robustness study (docs/study.md): its own command, after `make reproduce` (it reads the default run's
+# activation stores and its published verdicts). Notebook 08 through papermill, rendered to figures/study/.
+STUDY_CONFIG ?= study
+study: setup
+	$(PY) -m posae.study --config $(STUDY_CONFIG)
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup

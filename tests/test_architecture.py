@@ -7,8 +7,9 @@ train < eval < report < pipeline (base includes `paper`, the quoted numbers, sin
 them into ablations.csv). Inside `eval` the notebooks' order holds too: the shared primitives
 (probing) < metrics (03) and structure (02) < probes (04) < ablations (05), so notebook 02's structure
 does not import notebook 04's probes; the planted ground truth (notebook 00) scores with notebook 04's
-probes, so it sits just above them. The pipeline is the top layer: its lazy imports of everything are
-downward by construction.
+probes, so it sits just above them. The pipeline is the top layer of a reproduction: its lazy imports of
+everything are downward by construction. The robustness study (`posae.study`, notebook 08) sits above it, since
+it runs its notebook as the driver runs a stage.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("report", ("posae.report", "posae.report.")),
     ("inspect: looking at features (notebook 07)", ("posae.inspect",)),
     ("pipeline", ("posae.pipeline", "posae.pipeline.", "posae.notebook", "posae.__main__")),
+    ("study: the robustness grid on top of a run (notebook 08, make study)", ("posae.study",)),
 ]
 
 

@@ -148,6 +148,27 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     return show[["ablation", "variant", "ours", "runs", "start", "paper", "paper_scope"]].set_index(["ablation", "variant"])
 
 
+def ablation_runs(metrics: pd.DataFrame, infos: list[dict], ends: list[dict[str, float]],
+                  finals: list[dict]) -> pd.DataFrame:
+    """ablations_runs.csv from its inputs: `metrics` (val_metrics.csv rows), and per run its config.json
+    (`infos`), its SAE's diagnostics at the end (`ends`) and its last metrics record (`finals`), in one order.
+    One row per ablation, variant, layer and seed; empty (with the identity columns) when nothing applies."""
+    weighting = pd.concat([position_weighting(metrics, off, on) for off, on in WEIGHTING_PAIRS], ignore_index=True)
+    parts = {
+        "global_magnitude_share": global_magnitude_share(metrics),
+        "gate_activation": diagnostic(infos, ends, DIAGNOSTICS["gate_activation"], finals, "gate_logits"),
+        "position_weighting": weighting,
+        "resampled_fraction": resampled_fraction(infos),
+        "mask_activation": diagnostic(infos, ends, DIAGNOSTICS["mask_activation"], finals, "mask_logits"),
+    }
+    first = ["ablation", "variant", "layer", "seed", "value"]
+    found = [df.assign(ablation=name) for name, df in parts.items() if len(df)]
+    if not found:
+        return pd.DataFrame(columns=first)
+    runs = pd.concat(found, ignore_index=True)
+    return runs[first + [c for c in runs if c not in first]]
+
+
 # --------------------------------------------------------------------------- the runs on disk
 
 
@@ -162,18 +183,7 @@ def run_ablations(cfg: Config, progress: bool = True, write: bool = True) -> Abl
     infos = [checkpoint.read_info(f) for f in folders]
     ends = [checkpoint.load_sae(f).diagnostics() for f in progress_iter(folders, progress, "diagnostics")]
     finals = [(checkpoint.read_metrics(f) or [{}])[-1] for f in folders]
-    weighting = pd.concat([position_weighting(evaluation.metrics, off, on) for off, on in WEIGHTING_PAIRS],
-                          ignore_index=True)
-    parts = {
-        "global_magnitude_share": global_magnitude_share(evaluation.metrics),
-        "gate_activation": diagnostic(infos, ends, DIAGNOSTICS["gate_activation"], finals, "gate_logits"),
-        "position_weighting": weighting,
-        "resampled_fraction": resampled_fraction(infos),
-        "mask_activation": diagnostic(infos, ends, DIAGNOSTICS["mask_activation"], finals, "mask_logits"),
-    }
-    runs = pd.concat([df.assign(ablation=name) for name, df in parts.items() if len(df)], ignore_index=True)
-    first = ["ablation", "variant", "layer", "seed", "value"]
-    runs = runs[first + [c for c in runs if c not in first]]
+    runs = ablation_runs(evaluation.metrics, infos, ends, finals)
     summary = summarise(runs)
     if write:
         write_csv_atomic(summary, run_dir(cfg.name) / ABLATIONS_CSV)
