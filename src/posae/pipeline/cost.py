@@ -523,9 +523,10 @@ def format_plan(p: Plan) -> str:
                   f"micro-batch{'es' if v0.grad_accum > 1 else ''} = {v0.tokens_per_run:,} tokens",
                   f"          = {epochs:,.0f} epochs of the {p.train_tokens_per_layer:,} training tokens of a layer"]
     lines.append("          matmul FLOPs per token, forward + backward, counted (baseline: (10 B + 6) d k a micro-batch):")
+    width = max(20, *(len(v.variant) for v in p.variants))
     for v in p.variants:
         extra = "" if same else f", {v.steps:,} steps x {v.tokens_per_step:,} tokens"
-        lines.append(f"            {v.variant:<20} {v.flops_per_micro_batch / v.batch_size / (p.d_model * p.k):5.2f} "
+        lines.append(f"            {v.variant:<{width}} {v.flops_per_micro_batch / v.batch_size / (p.d_model * p.k):5.2f} "
                      f"d k = {_n(v.flops_per_micro_batch / v.batch_size):>8}, {_n(v.params):>8} parameters, "
                      f"{v.runs} runs{extra}")
     lines += [
