@@ -288,7 +288,9 @@ def _ablation_claim(ablations: pd.DataFrame, name: str, text: str, variant: str)
                       f"can move further, so the mean can only reach [{lo_reach:.3f}, {hi_reach:.3f}], outside the "
                       f"paper's {paper_band}" + (f" (the largest logit change was {moved:.3f})" if np.isfinite(moved) else ""))
         others = rows.drop(index=variant)["mean"].dropna()
-        if len(others):
+        if len(others) == 1:
+            reason += f"; {others.index[0]} {fmt(others.iloc[0], **spec)}"
+        elif len(others):
             reason += f"; other variants {fmt(others.min(), **spec)}–{fmt(others.max(), **spec)}"
     test = CI_TEST if verdict != BUDGET else "reach: the paper's interval against σ(start ± Σ lr_t)"
     return Claim(text, f"§6.3, on {paper.scope}", paper.text, f"{variant} {ours}", verdict, reason, test,
