@@ -183,6 +183,7 @@ def test_a_sweep_of_train_l1_trains_without_a_second_capture(smoke_capture, runs
 
     stores = runs_root / "smoke" / "activations"
     before = store_state(stores)
+    folders_before = sorted(p.parent.name for p in runs_root.glob("*/activations"))  # other tests' configs too
     assert before and all(p.is_relative_to(stores) for p in smoke_capture.values())
     runs = {}
     for l1 in (0.02, 0.08, 0.2):
@@ -195,7 +196,8 @@ def test_a_sweep_of_train_l1_trains_without_a_second_capture(smoke_capture, runs
         runs[l1] = (run / "weights.safetensors").read_bytes()
     assert len(set(runs.values())) == 3  # three trainings, each with its own λ1
     assert store_state(stores) == before  # no store rewritten: same inodes, times and sizes
-    assert sorted(p.parent.name for p in runs_root.glob("*/activations")) == ["smoke"]
+    assert sorted(p.parent.name for p in runs_root.glob("*/activations")) == folders_before  # no activations folder added
+    assert not any(runs_root.glob("smoke+*/activations"))
     # The planted negative: a corpus override is a new store identity, and it is captured apart.
     other = load_config("smoke", overrides=["corpus.n_train=40"])
     paths = capture(other, progress=False)
