@@ -337,7 +337,8 @@ def write_galleries(cfg: Config, runs: list[Run], size: int = GALLERY_SIZE, seed
             old = pd.read_csv(path)
             ours = set(map(tuple, df[RUN_KEYS].drop_duplicates().to_numpy().tolist()))
             keep = old[[tuple(k) not in ours for k in old[RUN_KEYS].to_numpy().tolist()]]
-            merged = pd.concat([keep, df], ignore_index=True)
+            if len(keep):  # an empty frame in a concat can change the columns' dtypes, and so the file's bytes
+                merged = pd.concat([keep, df], ignore_index=True)
         write_csv_atomic(merged.sort_values(RUN_KEYS + ["group", "pick", "rank"], kind="stable"), path)
     return df
 
