@@ -38,11 +38,9 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -53,6 +51,7 @@ import pandas as pd
 from posae.checks import load_config
 from posae.config import Config, ConfigError, read_config
 from posae.paths import figures_dir, run_dir, sae_dir, write_csv_atomic, write_json_atomic, write_text_atomic
+from posae.pool import spawn_pool
 
 STUDY_VERSION = 1  # bump when a cached evaluation's content changes: cached rows with another key are recomputed
 PARTS = ("budget", "sparsity", "contrastive", "gate_init")
@@ -289,7 +288,7 @@ def _pool_map(fn, args: list, jobs: int | None) -> list:
             return [fn(a) for a in args]
         finally:
             torch.set_num_threads(before)
-    with one_thread_env(), ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with one_thread_env(), spawn_pool(n) as pool:
         return list(pool.map(fn, args))
 
 

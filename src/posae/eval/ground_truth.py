@@ -48,9 +48,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -69,6 +68,7 @@ from posae.eval.metrics import accumulate, reconstruction_metrics, sparsity_metr
 from posae.eval.probes import score_sae, tokens_from_arrays
 from posae.eval.probing import fit_probe
 from posae.paths import lock_path, locked, run_dir, write_csv_atomic
+from posae.pool import spawn_pool
 from posae.saes import REGISTRY, variant_config
 from posae.saes.buckets import position_bucket
 from posae.train import train_run
@@ -327,7 +327,7 @@ def train_all(cfg: Config, stores: dict[str, dict[str, ActivationStore]],
     workers = max(1, min(jobs or cores(), len(args)))
     if workers == 1:
         return dict(zip(todo, (Path(_train_one(a)) for a in args)))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with spawn_pool(workers) as pool:
         return dict(zip(todo, (Path(p) for p in pool.map(_train_one, args))))
 
 

@@ -51,8 +51,6 @@ A variant with one undivided dictionary is scored on an arbitrary half split of 
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -68,6 +66,7 @@ from posae.data.store import ActivationStore, open_layer_stores
 from posae.eval.metrics import check_normalisation
 from posae.eval.probing import ProbeFit, cluster_se, fit_probe, probe_sample, raw_accuracy, sample_rows
 from posae.paths import lock_path, locked, run_dir, sae_dir, write_csv_atomic
+from posae.pool import spawn_pool
 from posae.progress import progress_iter
 from posae.saes import SAE, as_variant_list
 from posae.saes.buckets import position_bucket
@@ -271,7 +270,7 @@ def probe_all(cfg: Config, variants: str | Iterable[str] | None = None, progress
     if workers == 1:
         rows = list(progress_iter(map(_score_run, jobs), progress, "probe", total=len(jobs)))
     else:  # processes, not threads: lbfgs holds the interpreter lock between its BLAS calls
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with spawn_pool(workers) as pool:
             rows = list(progress_iter(pool.map(_score_run, jobs), progress, "probe", total=len(jobs)))
     df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["variant", "layer", "seed"]).reset_index(drop=True)
     path = run_dir(cfg.name) / PROBES_CSV
