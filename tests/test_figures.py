@@ -435,3 +435,34 @@ def test_a_figure_saved_twice_is_the_same_file(tmp_path):
         plt.close(fig)
     for ext in ("png", "pdf"):
         assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes(), ext
+
+
+def test_table1_reads_the_matched_l0_ratio_of_a_study_of_this_config_only(tmp_path, monkeypatch):
+    """A study that read this config's stores gives Table 1 its target-L0 rows; one of another config's stores,
+    or a study without a target row, gives nothing (the column stays '—')."""
+    from posae.report.tables import STUDY_JSON, study_matched
+
+    monkeypatch.setenv("POSAE_FIGURES", str(tmp_path))
+    rows = pd.DataFrame({"variant": ["baseline", "hierarchical", "baseline", "hierarchical"],
+                         "l0": [20.0, 20.0, 33.4, 33.4], "mse_ratio": [1.0, 0.5, 1.0, 0.93],
+                         "target": [False, False, True, True]})
+    (tmp_path / "study").mkdir()
+    rows.to_csv(tmp_path / "study" / "matched.csv", index=False)
+    (tmp_path / "study" / STUDY_JSON).write_text(json.dumps({"stores": "mine", "layer": 1, "target_l0": 33.4}))
+    assert study_matched("other").empty
+    m = study_matched("mine")
+    assert m.to_dict("list") == {"variant": ["baseline", "hierarchical"], "layer": [1, 1], "mse_ratio": [1.0, 0.93]}
+
+    tables = make_tables({"baseline": 0.20, "hierarchical": 0.22})._replace(matched=m)
+    table = table1(tables).set_index("variant")
+    assert table.at["hierarchical", "mse_ratio_matched_mean"] == pytest.approx(0.93)
+    assert math.isnan(table.at["residual", "mse_ratio_matched_mean"])
+    by_layer = table1(tables, by_layer=True).set_index(["variant", "layer"])
+    assert by_layer.at[("hierarchical", 1), "mse_ratio_matched_mean"] == pytest.approx(0.93)
+    assert math.isnan(by_layer.at[("hierarchical", 0), "mse_ratio_matched_mean"])
+    assert "| 0.93 |" in table1_markdown(table.reset_index())
+    assert math.isnan(table1(make_tables({"baseline": 0.2})).set_index("variant").at["baseline",
+                                                                                     "mse_ratio_matched_mean"])
+
+    rows.drop(columns="target").to_csv(tmp_path / "study" / "matched.csv", index=False)  # no target row
+    assert study_matched("mine").empty

@@ -823,6 +823,7 @@ def run_study(cfg: Config, grid: Grid = Grid(), jobs: int | None = None, referen
     one_x = df[(df["part"] == "budget") & (df["factor"] == 1) & (df["variant"] == BASELINE)]
     target = float(one_x["sparsity/l0"].mean()) if len(one_x) else float(np.median(front["sparsity/l0"]))
     match = matched(front, sorted({*MATCHED_L0S, round(target, 1)}))
+    match["target"] = match["l0"] == round(target, 1)  # the row Table 1's matched-L0 column reads
 
     scores = contrastive_scores(df)
     lam = select_lambda2(scores, grid.max_mse_ratio, grid.max_dead) if len(scores) else math.nan
@@ -1006,6 +1007,7 @@ def write_outputs(study: Study, out: Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from posae.report.plots import save
+    from posae.report.tables import STUDY_JSON
 
     out = figures_dir(study.cfg.name) if out is None else Path(out)
     tables = {"points.csv": study.df, "budget.csv": study.budget, "frontier.csv": study.frontier,
@@ -1020,6 +1022,10 @@ def write_outputs(study: Study, out: Path | None = None) -> list[Path]:
     write_csv_atomic(long[["column", "claim", "verdict", "reason", "test", "ours"]], out / "verdicts.csv")
     write_text_atomic(out / "verdicts.md", verdicts_markdown(study.verdicts, study.verdict_columns, notes(study)))
     written += [out / "verdicts.csv", out / "verdicts.md"]
+    # What the default run's Table 1 needs to find this study (`posae.report.tables.study_matched`).
+    write_json_atomic(out / STUDY_JSON, {"stores": study.cfg.stores_name, "layer": study_layer(study.cfg, study.grid),
+                                         "target_l0": round(study.target_l0, 1)})
+    written.append(out / STUDY_JSON)
     for name in FIGURES:
         fig = figure(study, name)
         save(fig, out / name)

@@ -3,11 +3,13 @@ the paper's (`table1`, `TABLE1`: a statistic is declared once there).
 
 Inputs: val_metrics.csv, mse_by_position.csv (`posae.eval.metrics`), probes.csv (`posae.eval.probes`),
 fidelity.csv (`posae.eval.fidelity`), ablations.csv and ablations_runs.csv (`posae.eval.ablations`), the runs' metrics.jsonl
-(`posae.checkpoint.metrics_frame`) and the validation activation stores (norms, `posae.eval.structure`).
+(`posae.checkpoint.metrics_frame`), the validation activation stores (norms, `posae.eval.structure`) and, when a
+robustness study of this config has run, its matched-L0 MSE ratios (`study_matched`, `posae.study`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Iterable, NamedTuple
 
@@ -21,7 +23,7 @@ from posae.eval.fidelity import FIDELITY_CSV
 from posae.eval.metrics import BY_POSITION_CSV, METRICS_CSV
 from posae.eval.probes import PROBES_CSV
 from posae.paper import PAPER_TABLE1, PaperRow
-from posae.paths import run_dir
+from posae.paths import figures_dir, run_dir
 
 BASELINE = "baseline"
 _NA = math.nan
@@ -62,6 +64,9 @@ class RunTables(NamedTuple):
     training: pd.DataFrame  # metrics.jsonl of every finished run, tidy (`metrics_frame`)
     norms: pd.DataFrame  # layer, position, norm_mean, norm_std, normalised_norm_mean (validation store)
     fidelity: pd.DataFrame  # fidelity.csv: one row per run (CE-loss score, KL)
+    # The robustness study's MSE ratio to the baseline at matched L0 (`study_matched`): variant, layer,
+    # mse_ratio; empty when no study of this config's stores has run.
+    matched: pd.DataFrame = pd.DataFrame(columns=["variant", "layer", "mse_ratio"])
 
 
 _WRITTEN_BY = {METRICS_CSV: "04_probe", BY_POSITION_CSV: "04_probe", PROBES_CSV: "04_probe", FIDELITY_CSV: "04_probe",
@@ -101,7 +106,25 @@ def read_tables(cfg: Config) -> RunTables:
         probes=_read_csv(cfg.name, PROBES_CSV), ablations=_read_csv(cfg.name, ABLATIONS_CSV),
         ablation_runs=_read_csv(cfg.name, ABLATIONS_RUNS_CSV),
         training=_in_variant_order(metrics_frame(cfg.name, layers=list(cfg.capture.layers))), norms=norms,
-        fidelity=_read_csv(cfg.name, FIDELITY_CSV))
+        fidelity=_read_csv(cfg.name, FIDELITY_CSV), matched=study_matched(cfg.name))
+
+
+STUDY_JSON = "study.json"  # figures/<study>/study.json: which stores the study read, its layer and target L0
+
+
+def study_matched(config_name: str) -> pd.DataFrame:
+    """The target-L0 rows of `matched.csv` from a robustness study (`posae.study`) that read this config's
+    stores, as Table 1's matched-L0 column reads them; empty without one. A study names its base in
+    ``figures/<study>/study.json``; with several, the first by name."""
+    for info_path in sorted(figures_dir("").glob(f"*/{STUDY_JSON}")):
+        info = json.loads(info_path.read_text())
+        matched = info_path.parent / "matched.csv"
+        if info.get("stores") != config_name or not matched.exists():
+            continue
+        m = pd.read_csv(matched)
+        m = m[m["target"].astype(bool)] if "target" in m else m.iloc[0:0]
+        return m.assign(layer=info["layer"])[["variant", "layer", "mse_ratio"]].reset_index(drop=True)
+    return pd.DataFrame(columns=["variant", "layer", "mse_ratio"])
 
 
 # --------------------------------------------------------------------------- table 1
@@ -114,7 +137,8 @@ class Stat(NamedTuple):
 
     name: str
     source: str  # "metrics": a column of val_metrics.csv; "probes": of probes.csv; "fidelity": of fidelity.csv;
-    #              "ratio": the paired MSE ratio to the baseline; "paper": one of the paper's columns
+    #              "ratio": the paired MSE ratio to the baseline; "matched": the study's ratio at matched L0
+    #              (`study_matched`); "paper": one of the paper's columns
     #              (`posae.paper.PAPER_TABLE1`)
     column: str | None = None  # the column it averages (metrics, probes)
     header: str | None = None  # its column in table1.md; None: the CSV only
@@ -127,6 +151,7 @@ class Stat(NamedTuple):
 TABLE1: tuple[Stat, ...] = (
     Stat("mse", "metrics", "val/mse", "MSE", 3),
     Stat("mse_ratio", "ratio", None, "MSE / baseline", 2),
+    Stat("mse_ratio_matched", "matched", "mse_ratio", "MSE / baseline, matched L0 (study)", 2),
     Stat("paper_mse", "paper", None, "paper MSE", 2),
     Stat("paper_mse_ratio", "paper", None, "paper MSE / baseline", 2),
     Stat("l1", "metrics", "sparsity/mean_activation", "L1", 3),
@@ -152,7 +177,8 @@ TABLE1: tuple[Stat, ...] = (
 
 # The per-layer table (table1_by_layer.md): ours only, mean ± standard error over seeds at each layer.
 BY_LAYER_HEADERS: dict[str, tuple[str, int]] = {
-    "mse": ("MSE", 3), "mse_ratio": ("MSE / baseline", 2), "l0": ("L0", 1), "explained_variance": ("EV", 3),
+    "mse": ("MSE", 3), "mse_ratio": ("MSE / baseline", 2), "mse_ratio_matched": ("MSE / baseline, matched L0", 2),
+    "l0": ("L0", 1), "explained_variance": ("EV", 3),
     "ce_score": ("CE score", 3), "kl": ("KL", 3), "U_x": ("U_x", 3), "D_x_null": ("D_x null", 3),
     "U": ("U, input kept", 2), "acc_position_x": ("acc_P_x", 2), "acc_position": ("acc_P", 2),
     "acc_global": ("acc_G", 2), "acc_raw": ("acc_raw", 2),
@@ -184,7 +210,7 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     return (float(values.mean()) if len(values) else _NA), (float(values.std()) if len(values) > 1 else _NA)
 
 
-_SOURCES = {"metrics": "metrics", "probes": "probes", "fidelity": "fidelity"}
+_SOURCES = {"metrics": "metrics", "probes": "probes", "fidelity": "fidelity", "matched": "matched"}
 
 
 def table1(tables: RunTables, variants: Iterable[str] | None = None, by_layer: bool = False) -> pd.DataFrame:
@@ -199,7 +225,7 @@ def table1(tables: RunTables, variants: Iterable[str] | None = None, by_layer: b
 
     m = tables.metrics
     names = ordered_variants(set(REGISTRY if variants is None else variants) | set(m["variant"]))
-    frames = {"metrics": m, "probes": tables.probes, "fidelity": tables.fidelity,
+    frames = {"metrics": m, "probes": tables.probes, "fidelity": tables.fidelity, "matched": tables.matched,
               "ratio": paired_ratio(m).rename(columns={"ratio": "mse_ratio"})}
     layers = ordered_layers(m["layer"]) if by_layer else [None]
     rows = []
@@ -269,7 +295,10 @@ def table1_markdown(table: pd.DataFrame) -> str:
         "the activation carries; U, input kept, is the same score with each token's own position fed to the SAE, "
         "which an SAE that echoes its position input also passes (the paper's measurement as we read it). acc_raw is "
         "the probe on the activations themselves. † no learned groups: U and U_x are computed on an arbitrary half "
-        "split and measure no disentanglement. Paper: Table 1 (MSE, U), §6.1–6.2 (sparsity; soft_masking_sparse's "
+        "split and measure no disentanglement. MSE / baseline, matched L0 (study): from the robustness study "
+        "(`make study`, figures/study/), layer 8, one seed per λ1: each variant's MSE over the baseline's read off "
+        "their MSE–L0 curves at the 1×-trained baseline's L0; — where no study has run or a curve does not reach "
+        "that L0. Paper: Table 1 (MSE, U), §6.1–6.2 (sparsity; soft_masking_sparse's "
         "MSE); — where it reports nothing.\n")
 
 
