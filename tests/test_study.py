@@ -4,6 +4,7 @@ never extrapolates, and λ2 is selected on the selection half of the validation 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -239,12 +240,41 @@ def test_the_outputs_are_written_and_figures_fit_the_page(smoke_study, tmp_path)
     assert all(v in text for v in s.verdicts["1x training"])
 
 
-def test_make_study_runs_notebook_08_and_publishes_its_render(smoke_capture, tmp_path):
+def test_the_heartbeat_counts_what_is_on_disk(smoke_study):
+    """Planted: every run of the finished small study is trained and evaluated; a run whose config.json says
+    it is not done is not counted as trained (and the study's own outputs name its base's stores)."""
+    cfg, s = smoke_study
+    trained, evaluated, n = st.progress_counts(cfg, TINY)
+    assert trained == evaluated == n == len(st.distinct_runs(cfg, s.points))
+    r = next(iter(st.distinct_runs(cfg, s.points)))
+    info_path = sae_dir(r.config, r.variant, r.layer, r.seed) / "config.json"
+    original = info_path.read_text()
+    try:
+        info_path.write_text(json.dumps({**json.loads(original), "done": False}))
+        assert st.progress_counts(cfg, TINY)[0] == n - 1
+    finally:
+        info_path.write_text(original)
+
+
+def test_the_outputs_name_the_stores_the_study_read(smoke_study, tmp_path):
+    from posae.report.tables import STUDY_JSON
+
+    cfg, s = smoke_study
+    st.write_outputs(s, tmp_path)
+    info = json.loads((tmp_path / STUDY_JSON).read_text())
+    assert info["stores"] == cfg.stores_name and info["layer"] == st.study_layer(cfg, TINY)
+    m = pd.read_csv(tmp_path / "matched.csv")
+    assert m.loc[m["target"], "l0"].unique().tolist() == [round(s.target_l0, 1)]
+
+
+def test_make_study_runs_notebook_08_and_publishes_its_render(smoke_capture, tmp_path, capsys):
     # A study config derived from smoke, as params/study.yaml is from default: it reads smoke's stores.
     (tmp_path / "smoke_study.yaml").write_text("base: smoke\n")
     config = str(tmp_path / "smoke_study.yaml")
     assert read_config(config).stores_name == "smoke"
     assert st.main(["--config", config, "--sample", "--jobs", "2"]) == 0  # what `make study` runs, on the sample
+    said = capsys.readouterr().out
+    assert said.startswith("study: running notebook 08 on ") and "study: " in said.splitlines()[-1]
     out = figures_dir("smoke_study")
     assert (out / "notebooks" / "08_study.html").exists()
     assert {"verdicts.md", "verdicts.csv", "frontier.png", "budget.csv", "matched.csv"} <= {p.name for p in out.iterdir()}

@@ -1040,6 +1040,48 @@ def write_outputs(study: Study, out: Path | None = None) -> list[Path]:
 NOTEBOOK = "08_study.ipynb"
 
 
+def progress_counts(cfg: Config, grid: Grid = Grid()) -> tuple[int, int, int]:
+    """(runs trained, runs evaluated, distinct runs) as the files on disk say now: what the heartbeat of
+    `make study` prints while notebook 08 runs in its kernel. Reads each run's config.json only (no hashing)."""
+    runs = distinct_runs(cfg, grid_points(cfg, grid))
+    trained = evaluated = 0
+    for r in runs:
+        try:
+            trained += bool(json.loads((sae_dir(r.config, r.variant, r.layer, r.seed) / "config.json")
+                                       .read_text()).get("done"))
+        except (OSError, ValueError):
+            pass
+        evaluated += cache_path(cfg, r, "evaluation").exists()
+    return trained, evaluated, len(runs)
+
+
+@contextlib.contextmanager
+def heartbeat(cfg: Config, grid: Grid, every: float = 60.0) -> Iterator[None]:
+    """One terminal line every `every` seconds while the body runs, when the counts have moved:
+    'study: 41/124 runs trained, 0/124 evaluated (12.0 min)'. The notebook's own output goes to its file."""
+    import threading
+
+    stop, start = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        last = None
+        while not stop.wait(every):
+            counts = progress_counts(cfg, grid)
+            if counts != last:
+                trained, evaluated, n = counts
+                print(f"study: {trained}/{n} runs trained, {evaluated}/{n} evaluated "
+                      f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+                last = counts
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m posae.study --config study``: notebook 08 through papermill (as the driver runs a stage), its
     HTML render beside the figures (figures/<config>/notebooks/); ``--plan``: the grid's counts and estimated time,
@@ -1060,10 +1102,15 @@ def main(argv: list[str] | None = None) -> int:
         from posae.pipeline.driver import driver_lock, execute, publish_renders
         from posae.pipeline.stages import Stage, config_parameter
 
-        start = time.perf_counter()
+        start, grid = time.perf_counter(), SAMPLE if args.sample else Grid()
+        est = cost(cfg, grid_points(cfg, grid))
         with driver_lock(cfg, args.config):
-            execute(cfg, Stage("study", NOTEBOOK, {"config": config_parameter(cfg), "sample": args.sample,
-                                                   "jobs": args.jobs}))
+            trained, _, n = progress_counts(cfg, grid)
+            print(f"study: running notebook 08 on {n} runs ({trained} already trained; about "
+                  f"{float(est['wall_min'].iloc[-1]):.0f} min on 2 cores from none); a line a minute until it ends", flush=True)
+            with heartbeat(cfg, grid):
+                execute(cfg, Stage("study", NOTEBOOK, {"config": config_parameter(cfg), "sample": args.sample,
+                                                       "jobs": args.jobs}))
             publish_renders(cfg)
         print(f"study: {figures_dir(cfg.name)} written in {(time.perf_counter() - start) / 60:.1f} min")
         return 0
