@@ -1,0 +1,104 @@
+"""Where a training step's time goes: torch profiler over `posae.train.train_step`, grouped.
+
+One thread by default (as training runs), the default config's layer-8 activations in memory when
+captured (else Gaussian data of that shape), d = 640. For each variant: the step's wall time, and its
+ops' self CPU time in groups: the matmuls (mm, addmm, bmm), dtype casts, fused AdamW, gathers
+(index_select and friends), the other element-wise and reduction ops, and what no op accounts for
+(Python, autograd's bookkeeping, the allocator). The matmuls' GFLOP/s inside the step are set against
+the bf16 peak measured on the same shapes in the same process.
+
+    .venv/bin/python benchmarks/profile_step.py                          # baseline, 1,024 and 4,096 tokens
+    .venv/bin/python benchmarks/profile_step.py --variants baseline contrastive --batch 4096 --top 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_step as ts  # noqa: E402  (the benchmark's in-memory store, peaks and step builders)
+
+from posae import provenance  # noqa: E402
+
+GROUPS = (
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("casts", ("aten::_to_copy", "aten::to", "aten::copy_")),
+    ("AdamW", ("aten::_fused_adamw_",)),
+    ("gathers", ("aten::index_select", "aten::index", "aten::index_add", "aten::embedding", "aten::gather",
+                 "aten::scatter", "aten::index_select_backward", "aten::index_add_")),
+)
+CONTAINERS = ("aten::matmul", "aten::linear", "aten::to")  # ops whose time is their children's: not counted twice
+
+
+def group_of(name: str) -> str:
+    for group, names in GROUPS:
+        if name in names:
+            return group
+    return "other ops"
+
+
+def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak: float) -> None:
+    ts.B = batch
+    store, _ = ts.activations(max(65536, 4 * batch))
+    run = ts.posae_step(store, variant, k, torch.bfloat16)
+    run(3)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+        t0 = ts.CLOCK()
+        run(steps)
+        wall = (ts.CLOCK() - t0) / steps
+    self_us: dict[str, float] = defaultdict(float)
+    flops = 0.0
+    per_op: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key in CONTAINERS:
+            continue
+        self_us[group_of(e.key)] += e.self_cpu_time_total / steps
+        per_op[e.key] += e.self_cpu_time_total / steps
+        if group_of(e.key) == "matmuls":
+            flops += (e.flops or 0) / steps
+    counted = sum(self_us.values()) / 1e6
+    print(f"\n### {variant}, batch {batch:,}, k = {k}: {wall * 1e3:.1f} ms per step "
+          f"({batch / wall / 1e3:.1f}k tokens/s)\n")
+    print("| where | ms | share |\n|---|---:|---:|")
+    for group in [g for g, _ in GROUPS] + ["other ops"]:
+        print(f"| {group} | {self_us[group] / 1e3:.2f} | {self_us[group] / 1e6 / wall:.0%} |")
+    print(f"| no op (Python, autograd, allocator) | {max(wall - counted, 0) * 1e3:.2f} | "
+          f"{max(wall - counted, 0) / wall:.0%} |")
+    mm = self_us["matmuls"] / 1e6
+    print(f"\nmatmuls inside the step: {flops / 1e9:.2f} GFLOP at {flops / max(mm, 1e-12) / 1e9:.0f} GFLOP/s; "
+          f"the whole step at {flops / wall / 1e9:.0f} GFLOP/s = {flops / wall / 1e9 / peak:.0%} of the bf16 peak "
+          f"({peak:.0f} GFLOP/s on the step's shapes)")
+    if top:
+        print(f"\nlargest {top} ops by self CPU time (ms per step):\n")
+        for name, us in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"- {name}: {us / 1e3:.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["baseline"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--k", type=int, default=640)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU {provenance.cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+          f"AMX: {'yes' if 'amx_bf16' in Path('/proc/cpuinfo').read_text() else 'no'}")
+    for batch in args.batch:
+        ts.B = batch
+        peak = ts.matmul_peaks(args.k)["bfloat16"]
+        for variant in args.variants:
+            profile_variant(variant, batch, args.k, args.steps, args.top, peak)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
