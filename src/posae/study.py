@@ -846,13 +846,13 @@ def run_study(cfg: Config, grid: Grid = Grid(), jobs: int | None = None, referen
 def _legend_below(fig, axes, ncol: int = 4):
     """One legend, from the first of `axes` that has one, under the panels (every other legend removed), so that
     it covers no data and the figure keeps the page's width (a legend beside the panels would widen the PNG)."""
-    fig.tight_layout()
     handles, labels = [], []
     for ax in axes:
         if ax.get_legend() is not None:
             if not labels:
                 handles, labels = ax.get_legend_handles_labels()
             ax.get_legend().remove()
+    fig.tight_layout()  # after the legends are gone: a legend inside a narrow panel would shrink the panels
     if labels:
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), ncol),
                    fontsize=7, frameon=False)
@@ -864,12 +864,26 @@ def _log_axis(ax, ticks=None) -> None:
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     ax.set_xscale("log")
-    if ticks is not None:
-        ax.set_xticks(sorted(set(ticks)))
-    else:  # 1, 2, 5 per decade: a frontier spanning less than a decade still gets labels
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    if ticks is not None:  # compact labels (300, 1.2k, 4.8k; 33 for 33.1) that do not run into each other
+        values = sorted(set(float(t) for t in ticks))
+        ax.set_xticks(values, [f"{v / 1000:g}k" if v >= 1000 else f"{v:.0f}" for v in values], fontsize=7)
+    else:  # 1 and 3 per decade: labels that fit a third of the page, even on a frontier under a decade wide
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", labelsize=7)
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _variant_palette(variants) -> dict:
+    """One colour per variant in the tables' order, the baseline black: eleven lines stay told apart."""
+    import seaborn as sns
+
+    from posae.report.tables import ordered_variants
+
+    names = ordered_variants(set(variants))
+    others = [v for v in names if v != BASELINE]
+    colours = dict(zip(others, sns.color_palette("tab20", 20)[::2] + sns.color_palette("tab20", 20)[1::2]))
+    return {v: (0.0, 0.0, 0.0) if v == BASELINE else colours[v] for v in names}
 
 
 def _median_and_range(ax, df: pd.DataFrame, x: str, y: str, hue: str, palette: dict | None = None) -> None:
@@ -878,7 +892,7 @@ def _median_and_range(ax, df: pd.DataFrame, x: str, y: str, hue: str, palette: d
     import seaborn as sns
 
     sns.lineplot(data=df, x=x, y=y, hue=hue, estimator="median", errorbar=("pi", 100), marker="o", ax=ax,
-                 palette=palette)
+                 palette=palette, hue_order=list(palette) if palette else None)
 
 
 def _budget_figure(study: Study):
@@ -894,7 +908,7 @@ def _budget_figure(study: Study):
               ("probe/U_x", "U_x (position input shuffled)"), ("probe/U", "U (position input kept)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH_IN, 2.6), sharex=True)
     for ax, (col, label) in zip(axes, panels):
-        _median_and_range(ax, b, "steps", col, "variant")
+        _median_and_range(ax, b, "steps", col, "variant", _variant_palette(b["variant"]))
         _log_axis(ax, b["steps"])
         ax.set(xlabel="optimizer steps", ylabel="", title=label)
         ax.title.set_fontsize(8)
@@ -912,13 +926,17 @@ def _frontier_figure(study: Study):
     f = study.frontier
     panels = [c for c in ("val/explained_variance", "fidelity/ce_score") if c in f]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(PAGE_WIDTH_IN, 2.8))
+    palette = _variant_palette(f["variant"])
     for ax, col in zip(axes, panels):
-        sns.lineplot(data=f, x="sparsity/l0", y=col, hue="variant", marker="o", ax=ax, sort=True, estimator=None)
+        sns.lineplot(data=f, x="sparsity/l0", y=col, hue="variant", marker="o", ax=ax, sort=True, estimator=None,
+                     palette=palette, hue_order=list(palette), markersize=4)
         ax.axvline(study.target_l0, color="grey", ls="--", lw=1)
         _log_axis(ax)
-        ax.set(xlabel="L0 (active features per token)", ylabel=FRONTIER[col], title=f"{FRONTIER[col]}–L0")
+        ax.set(xlabel="L0, active features per token", ylabel=FRONTIER[col], title=f"{FRONTIER[col]}–L0")
+        ax.xaxis.label.set_fontsize(8)
     m = study.matched.dropna(subset=["mse_ratio"])
-    sns.lineplot(data=m, x="l0", y="mse_ratio", hue="variant", marker="o", ax=axes[-1], legend=False)
+    sns.lineplot(data=m, x="l0", y="mse_ratio", hue="variant", marker="o", ax=axes[-1], legend=False,
+                 palette=palette, hue_order=[v for v in palette if v in set(m["variant"])], markersize=4)
     axes[-1].axhline(1.0, color="grey", ls="--", lw=1)
     _log_axis(axes[-1], m["l0"] if len(m) else None)
     axes[-1].set(xlabel="matched L0", ylabel="MSE / baseline's at that L0", title="matched sparsity")
