@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from posae.paths import FIGURES_DIR
-from posae.pipeline.compare import TOLERANCE, compare, tolerance
+import json
+
+from posae.pipeline.compare import CROSS_PRECISION, TOLERANCE, compare, precision, tolerance
 
 COMMITTED = FIGURES_DIR / "default"
 
@@ -75,3 +77,31 @@ def test_every_measured_column_of_table1_has_a_tolerance():
     table = pd.read_csv(COMMITTED / "table1.csv")
     ours = [c for c in table if c.endswith(("_mean", "_std")) and not c.startswith("paper_")]
     assert [c for c in ours if tolerance(c) is None] == []
+
+
+def _write_run_info(folder, cpu_bf16):
+    (folder / "run_info.json").write_text(json.dumps({"machine": {"cpu_model": "x", "cpu_bf16": cpu_bf16}}))
+
+
+@pytest.mark.parametrize("moved", [2.0, CROSS_PRECISION + 1.0])
+def test_a_float32_run_against_a_bf16_one_gets_the_wider_allowance_and_no_more(tmp_path, copy, moved):
+    """Planted: a cell moved `moved` times its allowance. Between two bf16 runs it fails; between a bf16 and a
+    float32 run (a CPU without bf16 units) it passes at 2x and fails beyond CROSS_PRECISION."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for name in ("table1.csv", "claims.csv"):
+        shutil.copy(COMMITTED / name, ref / name)
+    _write_run_info(ref, ["amx_bf16", "amx_tile", "avx512_bf16"])
+    table = pd.read_csv(copy / "table1.csv")
+    table["U_mean"] += moved * TOLERANCE["U"].atol
+    table.to_csv(copy / "table1.csv", index=False)
+    _write_run_info(copy, ["avx512_bf16"])
+    assert precision(copy) == "bfloat16" and len(compare(ref, copy)) == len(table)
+    _write_run_info(copy, [])
+    assert precision(copy) == "float32"
+    assert (compare(ref, copy) == []) == (moved < CROSS_PRECISION)
+
+
+def test_precision_is_read_from_run_info_and_absent_without_it(copy):
+    assert precision(COMMITTED) in ("bfloat16", "float32")
+    assert precision(copy) is None  # no run_info.json: same-precision tolerances
