@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_step as ts  # noqa: E402  (the benchmark's in-memory store, peaks and step builders)
 
 from posae import provenance  # noqa: E402
+from posae.config import TrainConfig  # noqa: E402
 
 GROUPS = (
     ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
@@ -43,10 +44,11 @@ def group_of(name: str) -> str:
     return "other ops"
 
 
-def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak: float, rounds: int) -> None:
+def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak: float, rounds: int,
+                    dtype: torch.dtype | None) -> None:
     ts.B = batch
     store, _ = ts.activations(max(65536, 4 * batch))
-    run = ts.posae_step(store, variant, k, torch.bfloat16)
+    run = ts.posae_step(store, variant, k, dtype)
     run(3)  # warm-up
     # The fastest of `rounds` profiled windows: on a shared host a window can lose a third of its speed to a
     # neighbour's memory traffic, and that says nothing about the step.
@@ -82,7 +84,7 @@ def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak
           f"{max(wall - counted, 0) / wall:.0%} |")
     mm = self_us["matmuls"] / 1e6
     print(f"\nmatmuls inside the step: {flops / 1e9:.2f} GFLOP at {flops / max(mm, 1e-12) / 1e9:.0f} GFLOP/s; "
-          f"the whole step at {flops / wall / 1e9:.0f} GFLOP/s = {flops / wall / 1e9 / peak:.0%} of the bf16 peak "
+          f"the whole step at {flops / wall / 1e9:.0f} GFLOP/s = {flops / wall / 1e9 / peak:.0%} of the {'bf16' if dtype else 'fp32'} peak "
           f"({peak:.0f} GFLOP/s on the step's shapes)")
     if top:
         print(f"\nlargest {top} ops by self CPU time (ms per step; calls per step, and the input shapes of its "
@@ -109,13 +111,17 @@ def main() -> int:
     from posae import train
 
     train.keep_freed_memory()  # as a training run does (else glibc zero-fills fresh pages for every large tensor)
+    # As training chooses: bf16 autocast where the CPU has bf16 units, float32 where torch would emulate bf16.
+    dtype = train.autocast_dtype(TrainConfig())
+    units = " ".join(provenance.cpu_bf16_features()) or "none (the step runs in float32)"
     print(f"CPU {provenance.cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-          f"AMX: {'yes' if 'amx_bf16' in Path('/proc/cpuinfo').read_text() else 'no'}")
+          f"bf16 units: {units}")
     for batch in args.batch:
         ts.B = batch
-        peak = ts.matmul_peaks(args.k)["bfloat16"]
+        peak_dtype = torch.bfloat16 if dtype else torch.float32
+        peak = ts.matmul_peaks(args.k, (peak_dtype,))[str(peak_dtype).replace("torch.", "")]
         for variant in args.variants:
-            profile_variant(variant, batch, args.k, args.steps, args.top, peak, args.rounds)
+            profile_variant(variant, batch, args.k, args.steps, args.top, peak, args.rounds, dtype)
     return 0
 
 

@@ -88,16 +88,25 @@ def repeat(step: Callable[[], None]) -> Callable[[int], None]:
     return run
 
 
-def matmul_peaks(k: int) -> dict[str, float]:
+def matmul_peaks(k: int, dtypes: tuple[torch.dtype, ...]) -> dict[str, float]:
     """GFLOP/s of the SAE step's own matmul shapes ([B,D]x[D,K], [B,K]x[K,D], [D,B]x[B,K]), best of them."""
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         shapes = [(B, D, k), (B, k, D), (D, B, k)]
         mats = [(torch.randn(m, n, dtype=dtype), torch.randn(n, p, dtype=dtype)) for m, n, p in shapes]
         fns = {str(s): repeat(lambda a=a, b=b: a @ b) for s, (a, b) in zip(shapes, mats)}
         secs = best_seconds(fns, rounds=3, reps=5)
         out[str(dtype).replace("torch.", "")] = max(2 * m * n * p / secs[str((m, n, p))] / 1e9 for m, n, p in shapes)
     return out
+
+
+def emulated_bf16_gflops() -> float:
+    """One [1024, 640] x [640, 640] bf16 product's GFLOP/s: what torch does without bf16 units (emulation)."""
+    a, b = torch.randn(1024, D, dtype=torch.bfloat16), torch.randn(D, D, dtype=torch.bfloat16)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    return 2 * 1024 * D * D / (time.perf_counter() - t0) / 1e9
 
 
 def plain_step(store: MemoryStore, k: int, bf16: bool) -> Callable[[int], None]:
@@ -193,21 +202,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     train.keep_freed_memory()  # as a training run does; every contender shares the process
     store, source = activations(B * 16)
-    bf16 = train.autocast_dtype(TrainConfig())
+    bf16 = train.autocast_dtype(TrainConfig())  # None without bf16 units: training runs in float32 there
+    native = models.cpu_has_native_bf16()
     print(f"# Training step, d={D}, batch {B} tokens; {source}; {args.clock} clock")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {provenance.cpu_model()} "
-          f"({' '.join(provenance.cpu_bf16_features())}), native bf16: {models.cpu_has_native_bf16()}\n")
+          f"({' '.join(provenance.cpu_bf16_features()) or 'no bf16 units'}), native bf16: {native}\n")
+    if not native:
+        print(f"No bf16 units: torch emulates bf16 matmuls ({emulated_bf16_gflops():.1f} GFLOP/s on one "
+              "[1024, 640] x [640, 640] product), so posae trains in float32 here. The bf16 contenders are "
+              "skipped, and the peak below is float32's.\n")
+    peak_dtype = "bfloat16" if native else "float32"
 
     rows = []
     for k in args.k:
-        peaks = matmul_peaks(k)
+        peaks = matmul_peaks(k, (torch.float32, torch.bfloat16) if native else (torch.float32,))
         contenders = {} if args.posae_only else {
             "plain ReLU SAE, fp32": plain_step(store, k, False),
-            "plain ReLU SAE, bf16 autocast": plain_step(store, k, True),
             "SAELens StandardTrainingSAE, default (fp32)": saelens_fit(store, k, False),
-            "SAELens StandardTrainingSAE, autocast bf16": saelens_fit(store, k, True),
         }
-        contenders["posae baseline, fp32"] = posae_step(store, "baseline", k, None)
+        if native and not args.posae_only:
+            contenders["plain ReLU SAE, bf16 autocast"] = plain_step(store, k, True)
+            contenders["SAELens StandardTrainingSAE, autocast bf16"] = saelens_fit(store, k, True)
+        if native:
+            contenders["posae baseline, fp32"] = posae_step(store, "baseline", k, None)
         contenders.update({f"posae {v}": posae_step(store, v, k, bf16) for v in sorted(REGISTRY)})
         secs = best_seconds(contenders, args.rounds, args.reps)
         base = secs["posae baseline"]
@@ -215,8 +232,8 @@ def main() -> None:
         for name, s in secs.items():
             rows.append({"k": k, "step": name, "ms": 1e3 * s, "ktok_s": B / s / 1e3, "vs_baseline": s / base})
         print(f"## k = {k}\n")
-        print(f"matmul peaks on the step's shapes: fp32 {peaks['float32']:.0f} GFLOP/s, "
-              f"bf16 {peaks['bfloat16']:.0f} GFLOP/s\n")
+        print("matmul peaks on the step's shapes: " + ", ".join(
+            f"{'fp32' if d == 'float32' else 'bf16'} {v:.0f} GFLOP/s" for d, v in peaks.items()) + "\n")
         print("| step | ms | k tokens/s | time vs posae baseline |\n|---|---:|---:|---:|")
         for r in rows:
             if r["k"] == k:
@@ -224,13 +241,13 @@ def main() -> None:
         against = ""
         if not args.posae_only:
             sl_default = secs["SAELens StandardTrainingSAE, default (fp32)"]
-            sl_best = min(sl_default, secs["SAELens StandardTrainingSAE, autocast bf16"])
+            sl_best = min(sl_default, secs.get("SAELens StandardTrainingSAE, autocast bf16", sl_default))
             against = f"{sl_default / base:.2f}x SAELens default, {sl_best / base:.2f}x its fastest setting; "
         print(f"\nposae baseline: {against}"
-              f"matmul FLOPs at {flops / base / 1e9:.0f} GFLOP/s = {flops / base / 1e9 / peaks['bfloat16']:.0%} "
-              f"of the bf16 peak; slowest variant {max(r['vs_baseline'] for r in rows if r['k'] == k and r['step'].startswith('posae') and 'fp32' not in r['step']):.2f}x the baseline\n")
+              f"matmul FLOPs at {flops / base / 1e9:.0f} GFLOP/s = {flops / base / 1e9 / peaks[peak_dtype]:.0%} "
+              f"of the {'bf16' if native else 'fp32'} peak; slowest variant {max(r['vs_baseline'] for r in rows if r['k'] == k and r['step'].startswith('posae') and 'fp32' not in r['step']):.2f}x the baseline\n")
 
-    if args.posae_only:
+    if args.posae_only or not native:
         return
     (fp32, where), (low, _) = final_mse(None, store), final_mse(bf16, store)
     steps = load_config("default", check_model=False).train.steps
