@@ -49,7 +49,7 @@ test-extras: setup
 test-kill: setup
 	$(PY) -m pytest -q -m kill $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-# Whole smoke reproductions from empty runs/ (5 times, --jobs 2) and two drivers on one config.
+# Whole smoke reproductions from empty runs/ (3 times, --jobs 2) and two drivers on one config.
 test-concurrency: setup
 	$(PY) -m pytest -q -m concurrency $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 

@@ -263,8 +263,10 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
     return _products(runs)
 
 
+# Three attempts, not more: on a CPU without bf16 units every CI step is slower, and with five the whole CI run
+# measured 80 of its 90 minutes there (README, "Tests"); each attempt is a smoke reproduction, ~3 min on that CPU.
 @pytest.mark.concurrency
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", range(3))
 def test_smoke_reproduction_with_two_jobs_from_empty_runs(tmp_path, reference, attempt):
     p = _reproduce(tmp_path, "--jobs", "2")
     out, err = p.communicate(timeout=900)
