@@ -466,3 +466,36 @@ def test_table1_reads_the_matched_l0_ratio_of_a_study_of_this_config_only(tmp_pa
 
     rows.drop(columns="target").to_csv(tmp_path / "study" / "matched.csv", index=False)  # no target row
     assert study_matched("mine").empty
+
+
+def test_the_written_out_style_is_what_seaborn_sets():
+    """plots.set_style writes seaborn's paper/whitegrid/colorblind theme out (seaborn's import is a second per
+    kernel): it must stay what seaborn itself would set, or the figures change without anyone deciding so."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    from posae.report import plots
+
+    with mpl.rc_context():
+        codes = {c: mpl.colors.to_rgb(c) for c in "bgrmyck"}
+        sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+        theirs, their_codes = dict(mpl.rcParams), {c: mpl.colors.to_rgb(c) for c in "bgrmyck"}
+        plots.set_style()
+        ours, our_codes = dict(mpl.rcParams), {c: mpl.colors.to_rgb(c) for c in "bgrmyck"}
+        for c, rgb in codes.items():
+            mpl.colors.colorConverter.colors[c] = rgb
+    ours_only = {"figure.dpi", "savefig.dpi", "savefig.bbox", "image.cmap"}  # our own choices
+    assert {k: (theirs[k], ours[k]) for k in theirs if k not in ours_only and theirs[k] != ours[k]} == {}
+    assert our_codes == their_codes
+    assert plots.colorblind(12) == list(sns.color_palette("colorblind", 12))
+
+
+def test_a_notebook_kernel_imports_neither_seaborn_nor_scikit_learn_to_plot_or_train():
+    import subprocess
+    import sys
+
+    code = ("import sys; from posae.report import plots; from posae.checkpoint import metrics_frame; "
+            "from posae.notebook import setup; from posae.train import train_variant; plots.set_style(); "
+            "print(sorted(m for m in ('seaborn', 'sklearn', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,11 +11,6 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from posae.config import ProbeConfig
 from posae.data.store import ActivationStore
@@ -70,6 +65,14 @@ def fit_probe(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_te
     a 2-core machine shared with other work, OpenBLAS's threads contend (a fit took 3-8 s on two threads
     against 0.4 s on one); `probe_all` runs two fits side by side instead.
     """
+    # Here, not at the top: scikit-learn's import is ~1.3 s, which every notebook kernel would pay (this module
+    # comes with posae.report.tables), and only the probe stages fit.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
     y_test = np.asarray(y_test)
     keep = X_train.std(0) > 0 if X_train.shape[1] else np.zeros(0, dtype=bool)
     if not keep.any():  # no feature varies (none given, or all dead): the majority class

@@ -1,4 +1,4 @@
-"""Figures: one seaborn style for every notebook and for figures/.
+"""Figures: one style (seaborn's "paper" whitegrid) for every notebook and for figures/.
 
 Every figure fits a page: at most `PAGE_WIDTH_IN` wide as saved (legends included, `figure_width`), its
 legend under or beside the axes, never on the data. Layers are ordered by number and coloured by
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from posae.paths import atomic_path
 from posae.report.tables import layer_number, ordered_layers
@@ -22,8 +22,43 @@ PAGE_WIDTH_IN = 7.0
 BASELINE = "baseline"
 
 
+# seaborn's colour-blind palette, and the matplotlib settings that
+# ``seaborn.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)`` makes, written out:
+# importing seaborn (and the scipy.stats it pulls in) costs every notebook's kernel about a second.
+# tests/test_figures.py checks that these equal what seaborn sets.
+COLORBLIND = ("#0173B2", "#DE8F05", "#029E73", "#D55E00", "#CC78BC", "#CA9161", "#FBAFE4", "#949494", "#ECE133",
+              "#56B4E9")
+# set_theme also points matplotlib's one-letter colours at the 6-colour version of the palette ("k" at .1 grey).
+COLOR_CODES = dict(zip("bgrmyck", ("#0173B2", "#029E73", "#D55E00", "#CC78BC", "#ECE133", "#56B4E9", (.1, .1, .1))))
+# The paper context is 0.8 x seaborn's base sizes, and its fonts are scaled by font_scale = 1.1 besides.
+_PAPER, _FONTS = 0.8, 0.8 * 1.1
+SEABORN_RC = {
+    "axes.axisbelow": True, "axes.edgecolor": ".8", "axes.grid": True, "axes.labelcolor": ".15",
+    "axes.labelsize": 12 * _FONTS, "axes.linewidth": 1.25 * _PAPER, "axes.titlesize": 12 * _FONTS,
+    "font.size": 12 * _FONTS, "font.sans-serif": ["Arial", "DejaVu Sans", "Liberation Sans", "Bitstream Vera Sans",
+                                                  "sans-serif"],
+    "grid.color": ".8", "legend.fontsize": 11 * _FONTS, "legend.title_fontsize": 12 * _FONTS,
+    "lines.linewidth": 1.5 * _PAPER, "lines.markersize": 6 * _PAPER, "lines.solid_capstyle": "round",
+    "patch.edgecolor": "w", "patch.force_edgecolor": True, "patch.linewidth": 1 * _PAPER, "text.color": ".15",
+    "xtick.bottom": False, "xtick.color": ".15", "xtick.labelsize": 11 * _FONTS, "xtick.major.size": 6 * _PAPER,
+    "xtick.major.width": 1.25 * _PAPER, "xtick.minor.size": 4 * _PAPER, "xtick.minor.width": 1 * _PAPER,
+    "ytick.color": ".15", "ytick.labelsize": 11 * _FONTS, "ytick.left": False, "ytick.major.size": 6 * _PAPER,
+    "ytick.major.width": 1.25 * _PAPER, "ytick.minor.size": 4 * _PAPER, "ytick.minor.width": 1 * _PAPER,
+}
+
+
+def colorblind(n: int) -> list[tuple[float, float, float]]:
+    """The first `n` colours of seaborn's colour-blind palette (cycling past ten), as RGB."""
+    return [mpl.colors.to_rgb(COLORBLIND[i % len(COLORBLIND)]) for i in range(n)]
+
+
 def set_style() -> None:
-    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+    plt.rcParams.update(SEABORN_RC)
+    plt.rcParams["axes.prop_cycle"] = mpl.cycler(color=colorblind(len(COLORBLIND)))
+    plt.rcParams["image.cmap"] = "viridis"  # seaborn's "rocket" needs seaborn; every figure names its colormap
+    for code, colour in COLOR_CODES.items():
+        mpl.colors.colorConverter.colors[code] = mpl.colors.to_rgb(colour)
+    mpl.colors.colorConverter.cache.clear()
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight"})
 
 
@@ -261,7 +296,7 @@ def probe_accuracies(probes: pd.DataFrame) -> plt.Figure:
     df = probes.assign(variant=_variant_labels(probes))
     order = list(dict.fromkeys(df["variant"]))
     layers = ordered_layers(df["layer"])
-    colours = dict(zip(ACCURACY_LABELS, sns.color_palette("colorblind", len(ACCURACY_LABELS))))
+    colours = dict(zip(ACCURACY_LABELS, colorblind(len(ACCURACY_LABELS))))
     fig, axes = plt.subplots(1, len(layers), figsize=(PAGE_WIDTH_IN, 0.26 * len(order) + 1.0), sharey=True,
                              squeeze=False, layout="constrained")
     offsets = np.linspace(-0.3, 0.3, len(ACCURACY_LABELS))
@@ -292,14 +327,22 @@ def unlearning_scores(probes: pd.DataFrame) -> plt.Figure:
     palette = layer_palette(df["layer"])
     fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 0.32 * len(order) + 1.6), sharey=True, layout="constrained")
     panels = (("U", "U, SAE position input kept", None), ("U_x", "U_x, position input neutralised", "D_x_null"))
+    rows = df["variant"].map({v: i for i, v in enumerate(order)}).to_numpy()
+    # seeded (seaborn's stripplot draws its jitter from numpy's global state: each drawing was another file)
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(df))
     for ax, (column, title, null) in zip(axes, panels):
-        sns.stripplot(data=df, y="variant", x=column, hue="layer", palette=palette, hue_order=list(palette),
-                      order=order, dodge=False, jitter=0.15, size=4, ax=ax, legend=ax is axes[0])
+        for layer in palette:
+            pick = (df["layer"] == layer).to_numpy()
+            ax.scatter(df.loc[pick, column], rows[pick] + jitter[pick], s=16, linewidths=0, color=palette[layer],
+                       zorder=2, label=layer_label(layer) if ax is axes[0] else None)
+        ax.set_yticks(range(len(order)), order)
+        ax.set_ylim(len(order) - 0.5, -0.5)
+        ax.grid(False, axis="y")  # a category axis: no lines through the rows of dots
         means = df.groupby("variant", sort=False)[column].mean().reindex(order)
         ax.scatter(means.to_numpy(), range(len(order)), marker="|", s=300, color="black", zorder=3,
                    label="mean over runs")
         if null is not None:
-            ax.scatter(df[null], df["variant"].map({v: i for i, v in enumerate(order)}) + 0.3, marker="x", s=12,
+            ax.scatter(df[null], rows + 0.3, marker="x", s=12,
                        color="grey", lw=0.8, label="null (unclipped)")
         ax.axvline(0, color="black", lw=0.8)
         ax.set(xlim=(-0.1, 1.0), xlabel=column, ylabel="", title=title)
@@ -352,7 +395,7 @@ def position_share_histograms(features: pd.DataFrame, threshold: float = 0.5, nc
     df = features.dropna(subset=["position_share"]).assign(variant=_variant_labels(features))
     variants = list(dict.fromkeys(df["variant"]))
     groups = list(dict.fromkeys(df["group"]))
-    colours = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
+    colours = dict(zip(groups, colorblind(len(groups))))
     ncols = min(ncols, len(variants))
     nrows = -(-len(variants) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH_IN, 1.45 * nrows + 0.5), sharex=True, sharey=True,
