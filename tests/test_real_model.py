@@ -23,11 +23,13 @@ def gemma():
     return models.load_model(ModelConfig(name="gemma3-270m", dtype="float32", device="cpu"))
 
 
-def test_cache_loads_the_same_weights_and_tokenizer_as_the_gguf(gemma):
+def test_cache_loads_the_same_weights_and_tokenizer_as_the_gguf(gemma, capfd):
     assert models.describe(ModelConfig(name="gemma3-270m")) == gemma.info
     assert gemma.info.num_layers == 18 and gemma.info.hidden_size == 640
     assert getattr(gemma.model, "hf_quantizer", None) is None  # a plain model, saveable again
+    capfd.readouterr()
     from_gguf, gguf_tok = models.load_gemma3_gguf()
+    assert "de-quantizing" not in capfd.readouterr().err  # no tqdm refreshes saved into a rendered notebook
     cached = gemma.model.state_dict()
     for name, w in from_gguf.state_dict().items():
         assert torch.equal(w, cached[name]), name

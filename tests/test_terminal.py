@@ -74,3 +74,33 @@ def test_shown_paths_are_relative_to_the_repository():
     assert shown(REPO_ROOT / "figures" / "default") == "figures/default"
     assert shown(REPO_ROOT) == "."
     assert shown(Path.home() / "elsewhere" / "x") in ("~/elsewhere/x", str(Path.home() / "elsewhere" / "x"))
+
+
+def _started(config: str, native_bf16: bool, monkeypatch, names: tuple[str, ...] | None = None) -> list[str]:
+    """The driver's lines as each selected stage of `config` starts, on a CPU with or without bf16 units."""
+    from posae.checks import load_config
+    from posae.data import models
+    from posae.pipeline import driver
+    from posae.pipeline.stages import stage_list
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
+    cfg = load_config(config, check_model=False)
+    stages = [s for s in stage_list(cfg) if names is None or s.name in names]
+    lines: list[str] = []
+    run = driver._Run(cfg, stages, {s.name: "" for s in stages}, (), len(stages), lines.append)
+    for i, stage in enumerate(stages, 1):
+        run.starting(i, stage)
+    return lines
+
+
+def test_a_cpu_without_bf16_units_is_said_once_before_the_first_stage_it_slows(monkeypatch):
+    lines = _started("default", False, monkeypatch)
+    notes = [i for i, line in enumerate(lines) if line.startswith("note: ")]
+    assert notes == [0], lines  # before ground_truth, the first stage that trains
+    assert "capture and training run in float32" in lines[0] and "Quick start" in lines[0]
+    assert not [line for line in _started("default", True, monkeypatch) if line.startswith("note: ")]
+    # Nothing it slows down runs: nothing to say. A config pinning the forward to float32 hears of training only.
+    assert not [line for line in _started("default", False, monkeypatch, ("structure", "probe", "figures"))
+                if line.startswith("note: ")]
+    smoke = [line for line in _started("smoke", False, monkeypatch) if line.startswith("note: ")]
+    assert len(smoke) == 1 and ", so training runs in float32" in smoke[0]

@@ -365,6 +365,23 @@ def no_loading_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def no_gguf_bar() -> Iterator[None]:
+    """transformers' "Converting and de-quantizing GGUF tensors" bar off (a plain tqdm that `no_loading_bar`
+    does not reach): a cold model cache otherwise saved ~15 refreshes of it into the rendered capture notebook.
+    `build_gemma3_cache` says in one line what the minute is spent on instead."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def load_model(model_cfg: ModelConfig, tokenizer: Any = None) -> Loaded:
     """Load the configured model for inference (eval mode, forward dtype, device).
 
@@ -444,7 +461,7 @@ def load_gemma3_gguf(gguf_dir: Path | None = None) -> tuple[Any, Any]:
         if gguf_dir is None:
             gguf_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="posae-gguf-", dir=_tmp_parent())))
         gguf = pkg.assemble(Path(gguf_dir) / pkg.MODEL_NAME)
-        with hub_offline():
+        with hub_offline(), no_gguf_bar():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     return model, tokenizer
@@ -500,7 +517,7 @@ def convert_gguf(gguf_file: Path | str, folder: Path | str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf_file)
-    with atomic_dir(folder) as tmp, hub_offline():
+    with atomic_dir(folder) as tmp, hub_offline(), no_gguf_bar():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         drop_quantizer(model)

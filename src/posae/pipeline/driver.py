@@ -27,6 +27,24 @@ from posae.pipeline.stages import (Stage, StageFailed, UnknownStage, UpstreamNot
                                    stage_list, train_runs)
 
 
+# The stages whose matmuls run in the configured `auto` dtypes (the training stages too).
+FLOAT32_STAGES = ("ground_truth", "capture")
+
+
+def float32_notice(cfg: Config) -> str | None:
+    """One line when the run's `auto` dtypes resolve to float32 on this CPU, which has no bf16 units: the run
+    is correct, but several times slower than on a CPU with them, and a reader expecting the README's Intel
+    time should know before the first long stage, not from the capture notebook's stderr."""
+    from posae.data.models import cpu_has_native_bf16, resolve_device
+
+    autos = [what for what, dtype in (("capture", cfg.model.dtype), ("training", cfg.train.dtype)) if dtype == "auto"]
+    if not autos or cpu_has_native_bf16() or resolve_device(cfg.model.device).type != "cpu":
+        return None
+    return (f"note: this CPU has no bf16 units (neither AVX512-BF16 nor AMX), so {' and '.join(autos)} "
+            f"{'run' if len(autos) > 1 else 'runs'} in "
+            f"float32 (dtype: auto): expect several times the run time of a CPU with them (README, Quick start)")
+
+
 def render_html(notebook: Path, html: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
@@ -116,6 +134,7 @@ class _Run:
         self._checked: dict[str, list[tuple[str, Path | None]]] = {}
         self._lock = threading.Lock()  # the training stages ask from several threads
         self._say = threading.Lock()
+        self._noticed = False
 
     def log(self, line: str) -> None:
         with self._say:  # two training stages finishing at once must not print into one line
@@ -200,6 +219,11 @@ class _Run:
         return {dep: products_digest(self.record(dep)[0]) for dep in stage.depends}
 
     def starting(self, i: int, stage: Stage, what: str = "") -> None:
+        if stage.name in FLOAT32_STAGES or stage.name.startswith("train:"):
+            with self._lock:  # once, when the first stage it slows down starts (not when every one is skipped)
+                first, self._noticed = not self._noticed, True
+            if first and (notice := float32_notice(self.cfg)) is not None:
+                self.log(notice)
         self.log(f"{self.head(i, stage)}: running {what or stage.notebook} ({self.total - i} after it; "
                  f"elapsed {_fmt(time.perf_counter() - self.start)})")
 
