@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 import train_step as ts  # noqa: E402  (the benchmark's in-memory store, peaks and step builders)
 
-from posae import provenance  # noqa: E402
+from posae import memory, provenance  # noqa: E402
 from posae.config import TrainConfig  # noqa: E402
 
 GROUPS = (
@@ -110,7 +110,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from posae import train
 
-    train.keep_freed_memory()  # as a training run does (else glibc zero-fills fresh pages for every large tensor)
+    memory.keep_freed_memory()  # as a training run does (else glibc zero-fills fresh pages for every large tensor)
     # As training chooses: bf16 autocast where the CPU has bf16 units, float32 where torch would emulate bf16.
     dtype = train.autocast_dtype(TrainConfig())
     units = " ".join(provenance.cpu_bf16_features()) or "none (the step runs in float32)"

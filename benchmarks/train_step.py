@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from posae import provenance, train
+from posae import memory, provenance, train
 from posae.checks import load_config
 from posae.config import Config, SAEConfig, TrainConfig
 from posae.data import models
@@ -200,7 +200,7 @@ def main() -> None:
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    train.keep_freed_memory()  # as a training run does; every contender shares the process
+    memory.keep_freed_memory()  # as a training run does; every contender shares the process
     store, source = activations(B * 16)
     bf16 = train.autocast_dtype(TrainConfig())  # None without bf16 units: training runs in float32 there
     native = models.cpu_has_native_bf16()

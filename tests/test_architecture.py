@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "posae"
 # (layer name, the modules in it: exact names, or a prefix ending in "."), lowest first.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("posae", "posae.paths", "posae.config", "posae.progress", "posae.provenance", "posae.paper",
-              "posae.pool")),
+              "posae.pool", "posae.memory")),
     ("data", ("posae.data", "posae.data.")),
     ("saes", ("posae.saes", "posae.saes.")),
     ("checks", ("posae.checks",)),

@@ -13,7 +13,7 @@ the learning rate.
 Speed (the whole default reproduction within 10 minutes on two cores): bf16 autocast where the
 CPU has native bf16, with fp32 master weights and AdamW state; the encoder written so autograd
 runs 5 matmuls per step, not 6 (`SAE.pre_acts`); batches gathered straight from the memory-mapped
-store; freed memory kept for reuse (`keep_freed_memory`). Determinism: the data order is a pure
+store; freed memory kept for reuse (`posae.memory`). Determinism: the data order is a pure
 function of (seed, step) (`batch_indices`), and so is every resampling draw, so a resumed run
 repeats the uninterrupted one bit for bit; the checkpoint carries the rest (weights, AdamW
 moments, dead-feature counters).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import functools
 import hashlib
 import json
@@ -44,6 +43,7 @@ from posae.checks import load_config
 from posae.config import Config, ConfigError, TrainConfig, check_parameter, to_dict
 from posae.data import models
 from posae.data.store import ActivationStore, open_layer_stores, reason
+from posae.memory import keep_freed_memory
 from posae.optim import AdamW
 from posae.paths import clean_stale_temps, lock_path, locked, sae_dir
 from posae.saes import SAE, ForwardOutput, build, variant_config
@@ -496,25 +496,6 @@ def threads_for(sae: SAE, tcfg: TrainConfig) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@functools.cache
-def keep_freed_memory() -> None:
-    """Let the C library keep freed blocks of up to 32 MB for reuse, for the rest of the process.
-
-    A step allocates and frees the same megabyte-sized tensors every time (the batch, activations,
-    gradients, casts). By default glibc maps each such block afresh or trims the heap once it is
-    freed, and the kernel then zero-fills its pages again on first touch: ~15% of a d = 640 step
-    at 1,024 tokens (the C library's behaviour, not the CPU's). A process holds up to 256 MB of
-    freed memory instead. Linux only; a no-op where the C library has no `mallopt` (not glibc).
-    """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # setting either disables glibc's own, adaptive thresholds
-        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 
 # --------------------------------------------------------------------------- checkpoints

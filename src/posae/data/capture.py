@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from posae.config import Config
+from posae.memory import keep_freed_memory
 from posae.paths import activations_dir, clean_stale_temps, locked
 
 # Bump when the capture changes what a store contains, so that old stores are recomputed.
@@ -176,6 +177,9 @@ def _capture(cfg: Config, progress: bool) -> dict[tuple[int, str], Path]:
     if not todo_train and not todo_val:
         return paths
 
+    # The forward's MB-sized activations reused rather than zero-filled afresh by the kernel: a quarter of the
+    # float32 forward's time on an AVX2-only EPYC, and glibc's adaptive thresholds made RSS creep (posae.memory).
+    keep_freed_memory()
     loaded = models.load_model(cfg.model, tokenizer=tokenizer)
     common = {"model": cfg.model.name, "model_layers": loaded.info.num_layers, "forward_dtype": dtype_name,
               "device": device.type, "corpus": cfg.corpus.name, "seq_len": cfg.corpus.seq_len,

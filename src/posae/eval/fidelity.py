@@ -59,6 +59,7 @@ from posae.data import models
 from posae.data.capture import decoder_layers
 from posae.data.store import RECAPTURE, ActivationStore, StoreError, open_layer_stores
 from posae.eval.metrics import check_normalisation
+from posae.memory import keep_freed_memory
 from posae.paths import lock_path, locked, run_dir, write_csv_atomic
 from posae.progress import bar as progress_bar
 from posae.saes import SAE, as_variant_list
@@ -448,6 +449,7 @@ def fidelity_all(cfg: Config, variants: str | Iterable[str] | None = None, progr
     if len(dtypes) != 1:
         raise StoreError(f"{run_dir(cfg.name) / 'activations'}: the validation stores of layers {layers} were "
                          f"captured in different dtypes ({', '.join(sorted(dtypes))}). {RECAPTURE}")
+    keep_freed_memory()  # the forward's MB-sized activations: reused, not zero-filled afresh (posae.memory)
     loaded = models.load_model(dataclasses.replace(cfg.model, dtype=dtypes.pop()))
     tail = model_tail(loaded.model)
     store = stores[layers[0]]
