@@ -366,9 +366,10 @@ def no_loading_bar() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def no_gguf_bar() -> Iterator[None]:
-    """transformers' "Converting and de-quantizing GGUF tensors" bar off (a plain tqdm that `no_loading_bar`
-    does not reach): a cold model cache otherwise saved ~15 refreshes of it into the rendered capture notebook.
+def no_conversion_bars() -> Iterator[None]:
+    """The bars of a GGUF conversion off: transformers' own ("Loading weights", "Writing model shards", which
+    `no_loading_bar` reaches) and its "Converting and de-quantizing GGUF tensors" (a plain tqdm, which it does
+    not). A cold model cache otherwise saved ~15 refreshes of them into the rendered capture notebook;
     `build_gemma3_cache` says in one line what the minute is spent on instead."""
     import functools
 
@@ -377,7 +378,8 @@ def no_gguf_bar() -> Iterator[None]:
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
-        yield
+        with no_loading_bar():
+            yield
     finally:
         gguf_utils.tqdm = bar
 
@@ -461,7 +463,7 @@ def load_gemma3_gguf(gguf_dir: Path | None = None) -> tuple[Any, Any]:
         if gguf_dir is None:
             gguf_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="posae-gguf-", dir=_tmp_parent())))
         gguf = pkg.assemble(Path(gguf_dir) / pkg.MODEL_NAME)
-        with hub_offline(), no_gguf_bar():
+        with hub_offline(), no_conversion_bars():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     return model, tokenizer
@@ -496,7 +498,7 @@ def build_gemma3_cache(folder: Path | None = None) -> Path:
     """
     folder = Path(folder) if folder is not None else cache_dir() / GEMMA3_ALIAS
     print(f"posae: converting the Gemma 3 270M GGUF to safetensors in {shown(folder)} (once, ~1 min)", file=sys.stderr)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp, no_conversion_bars():
         model, tokenizer = load_gemma3_gguf(tmp)
         for f in tmp.glob("*.gguf"):
             f.unlink()
@@ -517,7 +519,7 @@ def convert_gguf(gguf_file: Path | str, folder: Path | str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf_file)
-    with atomic_dir(folder) as tmp, hub_offline(), no_gguf_bar():
+    with atomic_dir(folder) as tmp, hub_offline(), no_conversion_bars():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         drop_quantizer(model)
