@@ -5,7 +5,7 @@ the default corpus, in the dtype capture resolves), and prints the RSS every `--
 mean tokens/s so far: `default` is glibc's own malloc thresholds, `kept` is `posae.memory.keep_freed_memory`,
 which capture() sets. A leak grows with the batches; an allocator settling grows, then stays flat.
 
-    .venv/bin/python benchmarks/capture_rss.py                    # 200 batches (409,600 tokens) a mode; ~20 min in fp32
+    .venv/bin/python benchmarks/capture_rss.py                    # 200 batches (409,600 tokens) a mode; ~20 min in fp32 here
     .venv/bin/python benchmarks/capture_rss.py --batches 60 --modes kept
 """
 
