@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import capture as cb  # noqa: E402  (the capture benchmark's forward-shape limit)
+import profile_step as ps  # noqa: E402  (grouping a profile's ops, its table)
 
 from posae import memory, provenance  # noqa: E402
 from posae.checks import load_config  # noqa: E402
@@ -41,15 +41,9 @@ GROUPS = (
     ("casts", ("aten::_to_copy", "aten::copy_")),
     ("embedding", ("aten::embedding", "aten::index_select")),
 )
+OTHER = "other element-wise and reductions"
 # Ops whose time is their children's (not counted twice).
 CONTAINERS = ("aten::linear", "aten::matmul", "aten::to", "aten::scaled_dot_product_attention", "aten::type_as")
-
-
-def group_of(name: str) -> str:
-    for group, names in GROUPS:
-        if name in names:
-            return group
-    return "other element-wise and reductions"
 
 
 def main() -> int:
@@ -89,23 +83,10 @@ def main() -> int:
             if best is None or wall < best[1]:
                 best = prof, wall
     prof, wall = best
-    self_us: dict[str, float] = defaultdict(float)
-    per_op: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = {}
-    for e in prof.key_averages():
-        if e.key in CONTAINERS:
-            continue
-        self_us[group_of(e.key)] += e.self_cpu_time_total / args.batches
-        per_op[e.key] += e.self_cpu_time_total / args.batches
-        calls[e.key] = e.count // args.batches
-    counted = sum(self_us.values()) / 1e6
+    self_us, per_op, calls = ps.grouped(prof.key_averages(), args.batches, GROUPS, CONTAINERS, OTHER)
     print(f"\n{wall * 1e3:.0f} ms per batch ({B * L / wall:,.0f} tokens/s); {flops_per_batch / 1e9:.1f} GFLOP of "
           f"linear layers a batch; the limit on the forward's own shapes {limit:,.0f} GFLOP/s\n")
-    print("| where | ms per batch | share |\n|---|---:|---:|")
-    for group in [g for g, _ in GROUPS] + ["other element-wise and reductions"]:
-        print(f"| {group} | {self_us[group] / 1e3:.1f} | {self_us[group] / 1e6 / wall:.0%} |")
-    rest = max(wall - counted, 0)
-    print(f"| no op (Python, hooks, module calls) | {rest * 1e3:.1f} | {rest / wall:.0%} |")
+    ps.print_groups(self_us, wall, "Python, hooks, module calls", "ms per batch", 1, GROUPS, OTHER)
     mm = self_us["linear matmuls"] / 1e6
     at_limit = flops_per_batch / (limit * 1e9)
     print(f"\nthe forward: {flops_per_batch / wall / 1e9:,.0f} GFLOP/s = {flops_per_batch / wall / 1e9 / limit:.0%} of the "

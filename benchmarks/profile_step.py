@@ -37,11 +37,33 @@ GROUPS = (
 CONTAINERS = ("aten::matmul", "aten::linear", "aten::to")  # ops whose time is their children's: not counted twice
 
 
-def group_of(name: str) -> str:
-    for group, names in GROUPS:
-        if name in names:
-            return group
-    return "other ops"
+def group_of(name: str, groups=GROUPS, other: str = "other ops") -> str:
+    return next((group for group, names in groups if name in names), other)
+
+
+def grouped(events, per: int, groups=GROUPS, containers=CONTAINERS, other: str = "other ops"):
+    """A profile's self CPU time (µs) per group and per op, and each op's calls, divided by `per` (the steps or
+    batches the window held); containers (ops whose time is their children's) are not counted twice."""
+    self_us: dict[str, float] = defaultdict(float)
+    per_op: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = {}
+    for e in events:
+        if e.key in containers:
+            continue
+        self_us[group_of(e.key, groups, other)] += e.self_cpu_time_total / per
+        per_op[e.key] += e.self_cpu_time_total / per
+        calls[e.key] = e.count // per
+    return self_us, per_op, calls
+
+
+def print_groups(self_us: dict[str, float], wall: float, rest: str, unit: str = "ms", digits: int = 2,
+                 groups=GROUPS, other: str = "other ops") -> None:
+    """The Markdown table of `grouped`'s groups against the window's wall time (s), what no op accounts for last."""
+    print(f"| where | {unit} | share |\n|---|---:|---:|")
+    for group in [g for g, _ in groups] + [other]:
+        print(f"| {group} | {self_us[group] / 1e3:.{digits}f} | {self_us[group] / 1e6 / wall:.0%} |")
+    left = max(wall - sum(self_us.values()) / 1e6, 0)
+    print(f"| no op ({rest}) | {left * 1e3:.{digits}f} | {left / wall:.0%} |")
 
 
 def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak: float, rounds: int,
@@ -63,25 +85,12 @@ def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak
     prof, wall = best
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as shaped:
         run(1)  # FLOPs and shapes only: this pass's times are not used
-    self_us: dict[str, float] = defaultdict(float)
-    flops = 0.0
-    per_op: dict[str, float] = defaultdict(float)
-    for e in prof.key_averages():
-        if e.key in CONTAINERS:
-            continue
-        self_us[group_of(e.key)] += e.self_cpu_time_total / steps
-        per_op[e.key] += e.self_cpu_time_total / steps
-    for e in shaped.key_averages():
-        if group_of(e.key) == "matmuls" and e.key not in CONTAINERS:
-            flops += e.flops or 0
-    counted = sum(self_us.values()) / 1e6
+    self_us, per_op, calls = grouped(prof.key_averages(), steps)
+    flops = sum(e.flops or 0 for e in shaped.key_averages()
+                if group_of(e.key) == "matmuls" and e.key not in CONTAINERS)
     print(f"\n### {variant}, batch {batch:,}, k = {k}: {wall * 1e3:.1f} ms per step "
           f"({batch / wall / 1e3:.1f}k tokens/s)\n")
-    print("| where | ms | share |\n|---|---:|---:|")
-    for group in [g for g, _ in GROUPS] + ["other ops"]:
-        print(f"| {group} | {self_us[group] / 1e3:.2f} | {self_us[group] / 1e6 / wall:.0%} |")
-    print(f"| no op (Python, autograd, allocator) | {max(wall - counted, 0) * 1e3:.2f} | "
-          f"{max(wall - counted, 0) / wall:.0%} |")
+    print_groups(self_us, wall, "Python, autograd, allocator")
     mm = self_us["matmuls"] / 1e6
     print(f"\nmatmuls inside the step: {flops / 1e9:.2f} GFLOP at {flops / max(mm, 1e-12) / 1e9:.0f} GFLOP/s; "
           f"the whole step at {flops / wall / 1e9:.0f} GFLOP/s = {flops / wall / 1e9 / peak:.0%} of the {'bf16' if dtype else 'fp32'} peak "
@@ -92,7 +101,6 @@ def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak
         shapes = {}
         for e in sorted(shaped.key_averages(group_by_input_shape=True), key=lambda e: e.count):
             shapes[e.key] = str(e.input_shapes)[:70]
-        calls = {e.key: e.count // steps for e in prof.key_averages()}
         for name, us in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
             print(f"- {name}: {us / 1e3:.2f} ({calls.get(name, 0)} calls; {shapes.get(name, '')})")
 

@@ -3,8 +3,8 @@
 A training step, and a model's forward, allocate and free the same megabyte-sized tensors over and over
 (a batch, its activations, gradients, casts). By default glibc maps each such block afresh, or trims the
 heap once it is freed, and the kernel then zero-fills its pages again on first touch. That cost belongs
-to the C library, not to the CPU: ~15% of a d = 640 SAE step at 1,024 tokens, and a quarter of Gemma 3
-270M's float32 forward at 16 x 128 tokens on an AVX2-only EPYC (benchmarks/README.md).
+to the C library, not to the CPU: ~15% of a d = 640 SAE step at 1,024 tokens, and 18% of Gemma 3 270M's
+float32 forward at 16 x 128 tokens on an AVX2-only EPYC (631 -> 773 tokens/s, benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -35,10 +35,11 @@ def float32_notice(cfg: Config) -> str | None:
     """One line when the run's `auto` dtypes resolve to float32 on this CPU, which has no bf16 units: the run
     is correct, but several times slower than on a CPU with them, and a reader expecting the README's Intel
     time should know before the first long stage, not from the capture notebook's stderr."""
-    from posae.data.models import cpu_has_native_bf16, resolve_device
+    from posae.data.models import has_native_bf16, resolve_device
 
     autos = [what for what, dtype in (("capture", cfg.model.dtype), ("training", cfg.train.dtype)) if dtype == "auto"]
-    if not autos or cpu_has_native_bf16() or resolve_device(cfg.model.device).type != "cpu":
+    device = resolve_device(cfg.model.device)
+    if not autos or device.type != "cpu" or has_native_bf16(device):  # what `auto` itself asks (resolve_dtype)
         return None
     return (f"note: this CPU has no bf16 units (neither AVX512-BF16 nor AMX), so {' and '.join(autos)} "
             f"{'run' if len(autos) > 1 else 'runs'} in "
