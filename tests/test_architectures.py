@@ -75,16 +75,17 @@ def test_hooked_outputs_equal_hidden_states(loaded):
 def test_forward_stops_after_the_deepest_layer(loaded):
     m = loaded.model
     blocks = list(cap.decoder_layers(m))
+    ids_BL = torch.randint(3, 259, (2, 8))
+    # The full forward first: transformers hooks every block itself, once, when hidden states are first asked for.
+    with torch.inference_mode():
+        want = m(input_ids=ids_BL, output_hidden_states=True).hidden_states
     hooks_before = [len(b._forward_hooks) for b in blocks]
     counts, handles = count_calls([*blocks, m.get_output_embeddings()])
-    ids_BL = torch.randint(3, 259, (2, 8))
     try:
         with torch.inference_mode(), cap.layer_outputs(m, [0, 1]) as acts:
             cap.run_to(m, ids_BL)
         assert sorted(acts) == [0, 1]
         assert counts == [1, 1, 0, 0, 0]  # blocks 2, 3 and the unembedding never ran
-        with torch.inference_mode():
-            want = m(input_ids=ids_BL, output_hidden_states=True).hidden_states
         # Close, not equal: run_to passes an all-ones attention mask, which takes another attention kernel.
         torch.testing.assert_close(acts[0], want[1])
         torch.testing.assert_close(acts[1], want[2])
