@@ -35,32 +35,45 @@ B = 4096  # tokens per step; --batch sets it
 
 
 class MemoryStore:
-    """The slice of the ActivationStore interface a training step reads, held in memory."""
+    """The slice of the ActivationStore interface a training step reads, held in memory.
 
-    def __init__(self, x_ND: torch.Tensor, pos_N: np.ndarray, seq_len: int):
-        self.x_ND, self.pos_N, self.seq_len = x_ND, pos_N, seq_len
-        self.meta, self.d_model, self.scale = {"seq_len": seq_len, "hash": "memory"}, x_ND.shape[1], 1.0
-        self.mean_D, self.path = np.zeros(x_ND.shape[1], np.float32), "<memory>"
+    Rows are kept as the store keeps them (16-bit patterns of `dtype`) and gathered as
+    `ActivationStore.normalised` gathers them: numpy fancy indexing, then (x - mean) * scale in
+    float32 on the copy. A step here pays the real store's gather, less only page-cache misses
+    (the memory map's pages are resident after one epoch).
+    """
+
+    def __init__(self, bits_ND: np.ndarray, dtype: torch.dtype, mean_D: np.ndarray, scale: float,
+                 pos_N: np.ndarray, seq_len: int):
+        self.bits_ND, self.dtype, self.pos_N, self.seq_len, self.scale = bits_ND, dtype, pos_N, seq_len, scale
+        self.meta, self.d_model, self.path = {"seq_len": seq_len, "hash": "memory"}, bits_ND.shape[1], "<memory>"
+        self.mean_D = np.ascontiguousarray(mean_D, dtype=np.float32)
+        self._mean_t = torch.from_numpy(self.mean_D)
 
     def __len__(self) -> int:
-        return len(self.x_ND)
+        return len(self.bits_ND)
 
     def normalised(self, idx) -> torch.Tensor:
-        return self.x_ND[torch.from_numpy(np.asarray(idx))]
+        rows = torch.from_numpy(self.bits_ND[idx]).view(self.dtype)
+        return rows.float().sub_(self._mean_t).mul_(self.scale)
+
+    def subset(self, rows: slice) -> "MemoryStore":
+        return MemoryStore(self.bits_ND[rows], self.dtype, self.mean_D, self.scale, self.pos_N[rows], self.seq_len)
 
 
 def activations(n_tokens: int) -> tuple[MemoryStore, str]:
     try:
         cfg = load_config("default", check_model=False)
         store = ActivationStore.open(activations_dir(cfg.name, 8, "train"))
-        idx = np.arange(min(n_tokens, len(store)))
-        x_ND = store.normalised(idx)
-        return MemoryStore(x_ND, np.asarray(store.pos_N[idx]), int(store.meta.get("seq_len", T))), \
-            f"default layer 8 training activations ({len(idx):,} tokens)"
+        n = min(n_tokens, len(store))
+        return MemoryStore(np.array(store.acts_ND[:n]).view(np.int16), store.storage_dtype, store.mean_D,
+                           store.scale, np.asarray(store.pos_N[:n]), store.seq_len), \
+            f"default layer 8 training activations ({n:,} tokens)"
     except StoreError:
         g = torch.Generator().manual_seed(0)
         pos_N = np.tile(np.arange(1, T), n_tokens // (T - 1) + 1)[:n_tokens].astype(np.int32)
-        return MemoryStore(torch.randn(n_tokens, D, generator=g), pos_N, T), \
+        bits_ND = torch.randn(n_tokens, D, generator=g).half().view(torch.int16).numpy()
+        return MemoryStore(bits_ND, torch.float16, np.zeros(D, np.float32), 1.0, pos_N, T), \
             f"Gaussian activations ({n_tokens:,} tokens; run notebook 01 for real ones)"
 
 
@@ -98,6 +111,24 @@ def matmul_peaks(k: int, dtypes: tuple[torch.dtype, ...]) -> dict[str, float]:
         secs = best_seconds(fns, rounds=3, reps=5)
         out[str(dtype).replace("torch.", "")] = max(2 * m * n * p / secs[str((m, n, p))] / 1e9 for m, n, p in shapes)
     return out
+
+
+def step_matmul_floor(k: int, dtype: torch.dtype) -> tuple[float, dict[str, float]]:
+    """Seconds of the baseline step's five products in the layouts the step runs them, and each one's GFLOP/s.
+
+    The forward's x W_enc and f W_dec, the input gradient g W_dec^T (a transposed view, as autograd
+    passes it), and the two weight gradients x^T g and f^T g, whose left operand is the transpose of a
+    row-major [B, .] batch: `matmul_peaks` times that shape on a contiguous [D, B] operand, which the
+    step never has. The sum is what the step would take with nothing but its matmuls.
+    """
+    g = torch.Generator().manual_seed(0)
+    x, f = torch.randn(B, D, generator=g).to(dtype), torch.randn(B, k, generator=g).to(dtype)
+    g_x, g_f = torch.randn(B, D, generator=g).to(dtype), torch.randn(B, k, generator=g).to(dtype)
+    W_enc, W_dec = torch.randn(D, k, generator=g).to(dtype), torch.randn(k, D, generator=g).to(dtype)
+    products = {"x W_enc": lambda: x @ W_enc, "f W_dec": lambda: f @ W_dec, "g W_dec^T": lambda: g_x @ W_dec.T,
+                "x^T g (weight gradient)": lambda: x.T @ g_f, "f^T g (weight gradient)": lambda: f.T @ g_x}
+    secs = best_seconds({name: repeat(fn) for name, fn in products.items()}, rounds=3, reps=5)
+    return sum(secs.values()), {name: 2 * B * D * k / s / 1e9 for name, s in secs.items()}
 
 
 def emulated_bf16_gflops() -> float:
@@ -170,8 +201,9 @@ def final_mse(dtype: torch.dtype | None, fallback: MemoryStore) -> tuple[float, 
         x_BD, pos_N, where = val.normalised(idx), val.pos_N[idx], "default layer 8, 16k validation tokens"
     except StoreError:
         n = len(fallback) - B
-        train_store = MemoryStore(fallback.x_ND[:n], fallback.pos_N[:n], fallback.meta["seq_len"])
-        x_BD, pos_N, where = fallback.x_ND[n:], fallback.pos_N[n:], "Gaussian data, held-out tokens"
+        train_store = fallback.subset(slice(0, n))
+        x_BD, pos_N = fallback.normalised(np.arange(n, len(fallback))), fallback.pos_N[n:]
+        where = "Gaussian data, held-out tokens"
     vcfg = variant_config(cfg, "baseline")
     state = train.start(vcfg, "baseline", 0, train_store)
     for _ in range(vcfg.train.steps):
@@ -246,6 +278,11 @@ def main() -> None:
         print(f"\nposae baseline: {against}"
               f"matmul FLOPs at {flops / base / 1e9:.0f} GFLOP/s = {flops / base / 1e9 / peaks[peak_dtype]:.0%} "
               f"of the {'bf16' if native else 'fp32'} peak; slowest variant {max(r['vs_baseline'] for r in rows if r['k'] == k and r['step'].startswith('posae') and 'fp32' not in r['step']):.2f}x the baseline\n")
+        floor, rates = step_matmul_floor(k, torch.bfloat16 if native else torch.float32)
+        print(f"the baseline's five products in the step's own layouts: {1e3 * floor:.1f} ms, "
+              f"{flops / floor / 1e9:.0f} GFLOP/s = {flops / floor / 1e9 / peaks[peak_dtype]:.0%} of the peak ("
+              + ", ".join(f"{n} {v:.0f}" for n, v in rates.items()) + " GFLOP/s). With nothing but them the step "
+              f"would reach that share; the rest of the step takes {1e3 * (base - floor):.1f} ms\n")
 
     if args.posae_only or not native:
         return
