@@ -127,3 +127,90 @@ def test_hub_offline_sets_and_restores_the_switches(monkeypatch):
     with models.hub_offline():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and hc.HF_HUB_OFFLINE is True
     assert "HF_HUB_OFFLINE" not in os.environ and hc.HF_HUB_OFFLINE == before
+
+
+# --------------------------------------------------------------------------- posae.data.kernels
+
+
+def _gemma3(dtype: torch.dtype, hidden: int = 64, mlp: int = 256):
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
+
+    cfg = Gemma3TextConfig(hidden_size=hidden, intermediate_size=mlp, hidden_activation="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    norm, mlp_module = Gemma3RMSNorm(hidden), Gemma3MLP(cfg)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    return norm.to(dtype), mlp_module.to(dtype)
+
+
+def _swapped(module):
+    from posae.data import kernels
+
+    clone = type(module).__new__(type(module))
+    clone.__dict__ = dict(module.__dict__)
+    assert kernels.speed_up(clone) == {type(module).__name__: 1}
+    return clone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_rms_norm_gives_the_stock_bits_and_leaves_its_input_alone(dtype):
+    norm, _ = _gemma3(dtype)
+    fast = _swapped(norm)
+    x = torch.randn(8, 16, 64).mul_(3).to(dtype)
+    before = x.clone()
+    with torch.no_grad():
+        assert torch.equal(fast(x), norm(x))
+    assert torch.equal(x, before)  # float32: x.float() is x itself, so an in-place norm without a copy would write it
+    assert type(fast).__module__ == "posae.data.kernels" and fast.state_dict().keys() == norm.state_dict().keys()
+
+
+def test_in_place_rms_norm_falls_back_to_the_stock_forward_under_autograd():
+    norm, _ = _gemma3(torch.float32)
+    fast = _swapped(norm)
+    x = torch.randn(4, 64, requires_grad=True)
+    fast(x).square().sum().backward()
+    g_fast = x.grad.clone()
+    x.grad = None
+    norm(x).square().sum().backward()
+    assert torch.equal(g_fast, x.grad)
+
+
+def test_fused_gelu_mlp_is_the_stock_mlp_within_bf16_rounding():
+    """The fused GELU sees the gate product before rounding, so it may differ from the stock bf16 MLP by
+    about one bf16 rounding, and its error against the float32 MLP is no larger than the stock one's. A
+    control shows the check can fail: the same fused matmul without its GELU is far outside it."""
+    from posae.data import kernels
+
+    _, mlp32 = _gemma3(torch.float32)
+    mlp16 = _gemma3(torch.bfloat16)[1]
+    fast = _swapped(mlp16)
+    x32 = torch.randn(4, 32, 64)
+    x16 = x32.to(torch.bfloat16)
+    with torch.no_grad():
+        ref, stock, fused = mlp32(x16.float()), mlp16(x16).float(), fast(x16).float()
+        broken = mlp16.down_proj(torch.ops.mkldnn._linear_pointwise(x16, mlp16.gate_proj.weight, None, "none", [], "")
+                                 * mlp16.up_proj(x16)).float()
+    if not kernels._HAS_FUSED_LINEAR:
+        pytest.skip("this torch has no oneDNN fused linear: the stock forward runs")
+
+    def rel(a):
+        return float((a - ref).norm() / ref.norm())
+
+    assert not torch.equal(fused, stock)  # the fused path ran
+    assert rel(fused) <= 1.25 * rel(stock) and rel(stock) < 0.02
+    assert rel(broken) > 10 * rel(stock)
+
+
+def test_fused_gelu_mlp_runs_the_stock_forward_in_float32():
+    _, mlp = _gemma3(torch.float32)
+    fast = _swapped(mlp)
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        assert torch.equal(fast(x), mlp(x))
+
+
+def test_load_model_swaps_the_gemma_modules():
+    loaded = models.load_model(ModelConfig(name="random", dtype="float32", device="cpu"))
+    names = {type(m).__name__: type(m).__module__ for m in loaded.model.modules()}
+    assert names["Gemma3RMSNorm"] == names["Gemma3MLP"] == "posae.data.kernels"
