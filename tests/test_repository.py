@@ -94,3 +94,29 @@ def test_no_unsafe_loading_in_the_package():
     found = [(str(path.relative_to(REPO_ROOT)), pattern) for path, text in _code_files() for pattern in FORBIDDEN
              if re.search(pattern, text)]
     assert not found, f"unsafe loading: {found}"
+
+
+def _table_rows(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_the_readme_results_are_the_committed_run():
+    """The README's Table 1 and claims are copies of figures/default/, and it names the run's commit and CPU."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    figures = REPO_ROOT / "figures" / "default"
+    for name in ("table1.md", "claims.md"):
+        missing = [row[:80] for row in _table_rows((figures / name).read_text()) if row not in readme]
+        assert not missing, f"README.md lacks these rows of figures/default/{name} (copy the table again): {missing}"
+    machine = json.loads((figures / "run_info.json").read_text())["machine"]
+    made = re.search(r"Made by `make reproduce` on a fresh clone of commit `([0-9a-f]{7,40})`[^\n]*\n[^\n]*", readme)
+    assert made, "README.md: no 'Made by `make reproduce` on a fresh clone of commit `...`' line"
+    assert machine["git_commit"].startswith(made.group(1)), (made.group(1), machine["git_commit"])
+    assert machine["cpu_model"] in made.group(0), (machine["cpu_model"], made.group(0))
+
+
+def test_the_readme_check_sees_a_changed_row(tmp_path):
+    """The control: one changed digit in a table row is a row the README lacks."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    row = _table_rows((REPO_ROOT / "figures" / "default" / "table1.md").read_text())[2]
+    changed = re.sub(r"\d", lambda m: str((int(m.group()) + 1) % 10), row, count=1)
+    assert row in readme and changed not in readme
