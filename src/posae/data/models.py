@@ -11,7 +11,8 @@
 - a local folder holding a Hugging Face model (config.json, weights, tokenizer).
 - a Hugging Face hub id (e.g. ``google/gemma-2-2b``), downloaded by transformers when it runs.
 
-Every model goes through `AutoModelForCausalLM`, so capture never needs model-specific code.
+Every model goes through `AutoModelForCausalLM`, so capture never needs model-specific code; the one
+exception is speed, not meaning: `posae.data.kernels` swaps faster inference forwards into Gemma's RMSNorm and MLP.
 Nothing but a hub id ever touches the network: the other three load with ``local_files_only``
 under `hub_offline`.
 """
