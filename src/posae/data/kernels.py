@@ -13,7 +13,7 @@ matmuls (benchmarks/README.md, "Capture"), in two places this module shortens:
   float32 model the activations are as close as the stock bfloat16 forward's (docs/models.md gives
   the cosines; tests/test_models.py holds the fused MLP to it).
 
-Together they take 12-16% off capture's forward on that CPU (339 -> 288-300 ms per 16 x 128-token
+Together they take 13-16% off capture's forward on that CPU (344 -> 288-300 ms per 16 x 128-token
 batch in `benchmarks/profile_capture.py`) and 20% off the full 18-block forward (484 -> 389 ms).
 
 A module's class is swapped for a subclass; weights, names, hooks and the state dict stay. Either forward
