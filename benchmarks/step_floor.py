@@ -63,20 +63,13 @@ def floor(variant: str, k: int, dtype: torch.dtype | None, reps: int) -> tuple[f
     """(step seconds, floor seconds, floor seconds of the matmuls, ops) for one variant."""
     store, _ = ts.activations(max(65536, 4 * ts.B))
     run = ts.posae_step(store, variant, k, dtype)
-    run(3)  # warm: AdamW state, oneDNN kernel choice
-    step = min(_timed(run) for _ in range(5))
+    step = ts.best_seconds({variant: run}, rounds=5, reps=3)[variant]  # warms up first: AdamW state, oneDNN kernels
     rec = _Record()
     with rec:
         run(1)
     secs = [op_seconds(f, a, kw, reps) for f, a, kw in rec.ops]
     mm = sum(s for (f, _, _), s in zip(rec.ops, secs) if str(f).startswith(MATMULS))
     return step, sum(secs), mm, len(rec.ops)
-
-
-def _timed(run) -> float:
-    t0 = time.perf_counter()
-    run(3)
-    return (time.perf_counter() - t0) / 3
 
 
 def main() -> int:

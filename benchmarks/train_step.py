@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,46 +35,37 @@ D, T = 640, 128
 B = 4096  # tokens per step; --batch sets it
 
 
-class MemoryStore:
-    """The slice of the ActivationStore interface a training step reads, held in memory.
-
-    Rows are kept as the store keeps them (16-bit patterns of `dtype`) and gathered as
-    `ActivationStore.normalised` gathers them: numpy fancy indexing, then (x - mean) * scale in
-    float32 on the copy. A step here pays the real store's gather, less only page-cache misses
-    (the memory map's pages are resident after one epoch).
-    """
-
-    def __init__(self, bits_ND: np.ndarray, dtype: torch.dtype, mean_D: np.ndarray, scale: float,
-                 pos_N: np.ndarray, seq_len: int):
-        self.bits_ND, self.dtype, self.pos_N, self.seq_len, self.scale = bits_ND, dtype, pos_N, seq_len, scale
-        self.meta, self.d_model, self.path = {"seq_len": seq_len, "hash": "memory"}, bits_ND.shape[1], "<memory>"
-        self.mean_D = np.ascontiguousarray(mean_D, dtype=np.float32)
-        self._mean_t = torch.from_numpy(self.mean_D)
-
-    def __len__(self) -> int:
-        return len(self.bits_ND)
-
-    def normalised(self, idx) -> torch.Tensor:
-        rows = torch.from_numpy(self.bits_ND[idx]).view(self.dtype)
-        return rows.float().sub_(self._mean_t).mul_(self.scale)
-
-    def subset(self, rows: slice) -> "MemoryStore":
-        return MemoryStore(self.bits_ND[rows], self.dtype, self.mean_D, self.scale, self.pos_N[rows], self.seq_len)
+def memory_store(bits_ND: np.ndarray, storage_dtype: str, mean_D: np.ndarray, scale: float, pos_N: np.ndarray,
+                 seq_len: int) -> ActivationStore:
+    """An ActivationStore over arrays in memory, so a step here runs the real store's gather
+    (`ActivationStore.normalised`), less only page-cache misses: a memory map's pages are resident after
+    one epoch. `bits_ND` holds the 16-bit patterns of `storage_dtype` ("float16" or "bfloat16")."""
+    n, d = bits_ND.shape
+    zeros = np.zeros(n, np.int32)
+    meta = {"count": n, "d_model": d, "scale": scale, "seq_len": seq_len, "storage_dtype": storage_dtype,
+            "hash": "memory"}
+    arrays = {"acts": bits_ND, "tokens": zeros, "pos": np.asarray(pos_N), "seq": zeros}
+    return ActivationStore(Path("<memory>"), meta, arrays, np.asarray(mean_D, np.float32))
 
 
-def activations(n_tokens: int) -> tuple[MemoryStore, str]:
+def subset(store: ActivationStore, rows: slice) -> ActivationStore:
+    return memory_store(store.acts_ND[rows], store.meta["storage_dtype"], store.mean_D, store.scale,
+                        store.pos_N[rows], store.seq_len)
+
+
+def activations(n_tokens: int) -> tuple[ActivationStore, str]:
     try:
         cfg = load_config("default", check_model=False)
         store = ActivationStore.open(activations_dir(cfg.name, 8, "train"))
         n = min(n_tokens, len(store))
-        return MemoryStore(np.array(store.acts_ND[:n]).view(np.int16), store.storage_dtype, store.mean_D,
-                           store.scale, np.asarray(store.pos_N[:n]), store.seq_len), \
+        return memory_store(np.array(store.acts_ND[:n]), store.meta["storage_dtype"], store.mean_D, store.scale,
+                            np.array(store.pos_N[:n]), store.seq_len), \
             f"default layer 8 training activations ({n:,} tokens)"
     except StoreError:
         g = torch.Generator().manual_seed(0)
         pos_N = np.tile(np.arange(1, T), n_tokens // (T - 1) + 1)[:n_tokens].astype(np.int32)
         bits_ND = torch.randn(n_tokens, D, generator=g).half().view(torch.int16).numpy()
-        return MemoryStore(bits_ND, torch.float16, np.zeros(D, np.float32), 1.0, pos_N, T), \
+        return memory_store(bits_ND, "float16", np.zeros(D, np.float32), 1.0, pos_N, T), \
             f"Gaussian activations ({n_tokens:,} tokens; run notebook 01 for real ones)"
 
 
@@ -140,7 +132,7 @@ def emulated_bf16_gflops() -> float:
     return 2 * 1024 * D * D / (time.perf_counter() - t0) / 1e9
 
 
-def plain_step(store: MemoryStore, k: int, bf16: bool) -> Callable[[int], None]:
+def plain_step(store: ActivationStore, k: int, bf16: bool) -> Callable[[int], None]:
     """A minimal hand-written ReLU SAE step (the reference's 'plain loop')."""
     g = torch.Generator().manual_seed(0)
     W_enc = torch.nn.Parameter(torch.randn(D, k, generator=g) / D**0.5)
@@ -161,7 +153,7 @@ def plain_step(store: MemoryStore, k: int, bf16: bool) -> Callable[[int], None]:
     return repeat(step)
 
 
-def saelens_fit(store: MemoryStore, k: int, autocast: bool) -> Callable[[int], None]:
+def saelens_fit(store: ActivationStore, k: int, autocast: bool) -> Callable[[int], None]:
     """SAELens's StandardTrainingSAE through its own SAETrainer.fit (one fit of n steps per call)."""
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
@@ -180,14 +172,14 @@ def saelens_fit(store: MemoryStore, k: int, autocast: bool) -> Callable[[int], N
     return fit
 
 
-def posae_step(store: MemoryStore, variant: str, k: int, dtype: torch.dtype | None) -> Callable[[int], None]:
+def posae_step(store: ActivationStore, variant: str, k: int, dtype: torch.dtype | None) -> Callable[[int], None]:
     cfg = Config(sae=SAEConfig(expansion=k / D), train=TrainConfig(batch_size=B, steps=10**6))
     cfg = variant_config(cfg, variant)
     state = train.start(cfg, variant, 0, store)
     return repeat(lambda: train.train_step(state, store, cfg, 0, dtype, want_metrics=False))
 
 
-def final_mse(dtype: torch.dtype | None, fallback: MemoryStore) -> tuple[float, str]:
+def final_mse(dtype: torch.dtype | None, fallback: ActivationStore) -> tuple[float, str]:
     """Validation MSE of the baseline trained as the default config trains it, with autocast `dtype`.
 
     On the default layer-8 stores when captured (the default's batch, steps and schedule), else on
@@ -201,7 +193,7 @@ def final_mse(dtype: torch.dtype | None, fallback: MemoryStore) -> tuple[float, 
         x_BD, pos_N, where = val.normalised(idx), val.pos_N[idx], "default layer 8, 16k validation tokens"
     except StoreError:
         n = len(fallback) - B
-        train_store = fallback.subset(slice(0, n))
+        train_store = subset(fallback, slice(0, n))
         x_BD, pos_N = fallback.normalised(np.arange(n, len(fallback))), fallback.pos_N[n:]
         where = "Gaussian data, held-out tokens"
     vcfg = variant_config(cfg, "baseline")

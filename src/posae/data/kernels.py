@@ -41,10 +41,6 @@ class InPlaceRMSNorm:
         return out.mul_(1.0 + self.weight.float()).type_as(x)
 
 
-def _fused_linear_gelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "gelu", [], "tanh")
-
-
 class FusedGeluMLP:
     """Mixed into a Gemma MLP: down(GELU_tanh(gate x) ⊙ up x), the GELU fused into the gate's matmul."""
 
@@ -52,7 +48,8 @@ class FusedGeluMLP:
         gate = self.gate_proj
         if not _fusable(x, gate.weight, gate.bias, self.act_fn):
             return super().forward(x)
-        return self.down_proj(_fused_linear_gelu(x, gate.weight) * self.up_proj(x))
+        fused = torch.ops.mkldnn._linear_pointwise(x, gate.weight, None, "gelu", [], "tanh")
+        return self.down_proj(fused * self.up_proj(x))
 
 
 def _fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any) -> bool:
