@@ -13,6 +13,7 @@ from posae import train
 from posae.checks import load_config
 from posae.config import Config, SAEConfig, TrainConfig
 from posae.saes import REGISTRY, SAE, build, variant_config
+from posae.saes.fused import HierarchicalEncode
 from posae.saes.hierarchical import Hierarchical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,9 +57,16 @@ def test_every_parameter_receives_a_gradient(name, default_cfg):
     assert params_without_gradient(sae, vcfg.train) == []
 
 
-def test_the_gradient_check_flags_a_detached_parameter(default_cfg):
+def test_the_gradient_check_flags_a_parameter_whose_gradient_is_dropped(default_cfg, monkeypatch):
+    # The fault a hand-written backward can plant: the gate's gradient comes back as zeros.
+    backward = HierarchicalEncode.backward
+
+    def dropping_the_gate(ctx, *grads):
+        *rest, grad_gate = backward(ctx, *grads)
+        return (*rest, torch.zeros_like(grad_gate))
+
+    monkeypatch.setattr(HierarchicalEncode, "backward", staticmethod(dropping_the_gate))
     sae, vcfg = real_sae(default_cfg, "hierarchical")
-    sae.gates = lambda pos_B, dtype=torch.float32: torch.sigmoid(sae.gate_logits_TP.detach()).to(dtype)[pos_B]
     assert params_without_gradient(sae, vcfg.train) == ["gate_logits_TP"]
 
 

@@ -88,14 +88,13 @@ class Contrastive(Hierarchical):
     Positives are tokens at the same position in other sequences of the batch, negatives the other
     positions, through per-position prototypes built from the whole batch and scored for a strided
     subset of anchor tokens (see `position_info_nce`). The features compared are the gated
-    position features g_t ⊙ ReLU(f_p + α_t) the decoder sees, taken before the halves are joined
-    so that their gradient is not scattered into a zero [B, K] tensor.
+    position features g_t ⊙ ReLU(f_p + α_t) the decoder sees, as a tensor of their own so that their
+    gradient is not scattered into a zero [B, K] tensor.
     """
 
     Options = ContrastiveOptions
 
     def forward(self, x_BD: Tensor, pos_B: Tensor) -> ForwardOutput:
-        f_g_BG, f_p_BP = self.encode_groups(x_BD, pos_B)
-        f_BK = torch.cat([f_g_BG, f_p_BP], dim=1)
+        f_BK, f_p_BP = self.encode_with_position(x_BD, pos_B)
         nce = position_info_nce(f_p_BP, pos_B, self.seq_len, self.options.temperature, self.options.anchors)
         return ForwardOutput(self.decode(f_BK, pos_B), f_BK, {"contrastive": self.options.weight * nce})

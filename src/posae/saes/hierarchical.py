@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from posae.config import doc_field
 from posae.saes import register
 from posae.saes.base import vec_mat
+from posae.saes.fused import HierarchicalEncode
 from posae.saes.grouped import GroupedSAE
 
 
@@ -86,10 +87,34 @@ class Hierarchical(GroupedSAE):
     # ------------------------------------------------------------------ the model
 
     def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
-        return torch.cat(self.encode_groups(x_BD, pos_B), dim=1)
+        if self.position_residual:
+            return torch.relu(self.pre_acts(x_BD))  # both halves see x − b_d alone; r_t joins in `decode`
+        return self.encode_with_position(x_BD, pos_B, want_position=False)[0]
 
-    def encode_groups(self, x_BD: Tensor, pos_B: Tensor) -> tuple[Tensor, Tensor]:
-        """(f_g [B, G], f_p [B, P]): the two halves of `encode`, before they are joined."""
+    def encode_with_position(self, x_BD: Tensor, pos_B: Tensor,
+                             want_position: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(f [B, K], f_p [B, P] as a tensor of its own, or None without `want_position`).
+
+        `reference_groups`'s numbers through one autograd Function (`posae.saes.fused`), which a training
+        step runs in fewer ops. A subclass that overrides `reference_groups`, `route` or `gates` changes
+        the model, and the fused Function would not see it: such a subclass runs its own definition.
+        """
+        if not self.fusable():
+            f_g_BG, f_p_BP = self.reference_groups(x_BD, pos_B)
+            return torch.cat([f_g_BG, f_p_BP], dim=1), (f_p_BP if want_position else None)
+        attention = (self.W_q_DX, self.W_k_DX, self.W_v_DX, self.W_o_XP) if self.use_attention else (None,) * 4
+        return HierarchicalEncode.apply(
+            x_BD, pos_B, self.n_global, self.cfg.heads, want_position, self.W_enc_DK, self.b_enc_K, self.b_dec_D,
+            self.position_table(), *attention, self.gate_logits_TP if self.use_gate else None)
+
+    @classmethod
+    def fusable(cls) -> bool:
+        """Whether the fused Function computes this class's model: none of the parts it fuses is overridden."""
+        return not cls.position_residual and all(getattr(cls, part) is getattr(Hierarchical, part)
+                                                 for part in ("reference_groups", "route", "gates"))
+
+    def reference_groups(self, x_BD: Tensor, pos_B: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_g [B, G], f_p [B, P]), eqs. 2-6 in plain autograd: the definition `encode` is tested against."""
         W_DK = self.W_enc_DK.to(x_BD.dtype)
         pre_g_BG, pre_p_BP = self.split(self.pre_acts(x_BD, W_DK))
         p_TD = self.position_table()
