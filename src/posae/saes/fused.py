@@ -50,7 +50,7 @@ class HierarchicalEncode(torch.autograd.Function):
                 W_k_DX: Tensor | None, W_v_DX: Tensor | None, W_o_XP: Tensor | None,
                 gate_TP: Tensor | None) -> tuple[Tensor, Tensor | None]:
         c, G, K = x_BD.dtype, n_global, W_DK.shape[1]
-        P = K - G
+        P, N = K - G, K + (W_q_DX.shape[1] if W_q_DX is not None else 0)
         attend, gated = W_q_DX is not None, gate_TP is not None
         saved: list[Tensor | None] = [None] * 9
         with torch.autocast(x_BD.device.type, enabled=False):
@@ -64,14 +64,18 @@ class HierarchicalEncode(torch.autograd.Function):
             else:
                 W_DN, b_N = W_DK, b_enc_K
             Wc_DN = W_DN.to(c)
-            pre_BN = torch.addmm((b_N - vec_mat(b_dec_D, W_DN)).to(c), x_BD, Wc_DN)
+            # No bias in the product (addmm would first copy it into every row): it rides on the additions
+            # that follow, the position and query columns' inside their per-position tables.
+            pre_BN = torch.mm(x_BD, Wc_DN)
+            bias_N = (b_N - vec_mat(b_dec_D, W_DN)).to(c)
             # Every product of the position table in one: p [W_p | W_q / √E | W_k | W_v].
             Wtab_DM = torch.cat([Wc_DN[:, G:], W_k_DX.to(c), W_v_DX.to(c)], dim=1) if attend else Wc_DN[:, G:]
             p_c_TD = p_TD.to(c)
             tabs_TM = p_c_TD @ Wtab_DM
+            tabs_TM[:, :N - G] += bias_N[G:]
             h1_BP = torch.add(pre_BN[:, G:K], tabs_TM[:, :P].index_select(0, pos_B)).relu_()
             f_BK = torch.empty(x_BD.shape[0], K, dtype=c, device=x_BD.device)
-            torch.clamp_min(pre_BN[:, :G], 0, out=f_BK[:, :G])
+            torch.add(pre_BN[:, :G], bias_N[:G], out=f_BK[:, :G]).relu_()
             if attend:
                 q_BX = torch.add(pre_BN[:, K:], tabs_TM[:, P:P + X].index_select(0, pos_B))
                 q_HBE = q_BX.view(B, H, E).transpose(0, 1)
