@@ -222,3 +222,38 @@ def test_soft_masking_lambdas_are_multipliers_of_the_configs():
     assert variant_config(Config(), "soft_masking_sparse").train.l1_scale == 2.0
     assert variant_config(Config(), "position_weighted").train.position_weighted
     assert not variant_config(Config(), "baseline").train.position_weighted
+
+
+# --------------------------------------------------------------------------- the decoder's Function
+
+
+def decoder_gradients(sae: SAE, f_BK: torch.Tensor, fused: bool) -> list[torch.Tensor]:
+    """x̂, the totals, and the gradients of f, W_dec and b_dec for a loss on both (as the objective's L1)."""
+    f_BK = f_BK.detach().requires_grad_()
+    if fused:
+        x_hat_BD, totals_K = sae.reconstruct(f_BK, None)
+    else:
+        x_hat_BD, totals_K = torch.addmm(sae.b_dec_D, f_BK, sae.W_dec_KD), f_BK.sum(0)
+    w_BD = torch.randn(x_hat_BD.shape, generator=torch.Generator().manual_seed(4), dtype=x_hat_BD.dtype)
+    loss = (x_hat_BD * w_BD).sum() + 0.3 * totals_K.sum() + (totals_K**2).sum()
+    return [x_hat_BD, totals_K, *torch.autograd.grad(loss, [f_BK, sae.W_dec_KD, sae.b_dec_D])]
+
+
+def test_the_decoders_function_gives_autograds_numbers_and_gradients():
+    sae = make("baseline").double()
+    f_BK = torch.rand(B, sae.k, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for got, want in zip(decoder_gradients(sae, f_BK, fused=True), decoder_gradients(sae, f_BK, fused=False)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    W, b = sae.W_dec_KD.detach()[:5, :4].clone().requires_grad_(), sae.b_dec_D.detach()[:4].clone().requires_grad_()
+    f = torch.rand(7, 5, dtype=torch.float64, requires_grad=True)
+    from posae.saes.base import _Decode
+    assert torch.autograd.gradcheck(_Decode.apply, (f, W, b))
+
+
+def test_a_variant_that_redefines_decode_gets_its_own_reconstruction():
+    sae = make("residual")
+    x_BD, pos_B = batch()
+    out = sae(x_BD, pos_B)
+    torch.testing.assert_close(out.x_hat, sae.decode(out.features, pos_B))
+    assert not torch.allclose(out.x_hat, torch.addmm(sae.b_dec_D, out.features, sae.W_dec_KD))  # r_t is in it
+    torch.testing.assert_close(out.totals, out.features.sum(0))

@@ -222,10 +222,9 @@ def objective(out: ForwardOutput, x_BD: Tensor, pos_B: Tensor, tcfg: TrainConfig
     if tcfg.position_weighted:
         recon_B = recon_B * position_weights(pos_B, seq_len)
     recon = recon_B.mean()
-    # Features are non-negative in every variant, so ‖f‖₁ is a sum (no abs pass over [B, K]). The column
-    # sums accumulate in fp32 and are rounded once to the features' dtype: a bf16 [B, K] sum into fp32
-    # takes 7x as long, and its backward would cast a full [B, K] gradient down again.
-    mass_K = out.features.sum(0).float()
+    # Features are non-negative in every variant, so ‖f‖₁ is a sum (no abs pass over [B, K]): of the
+    # feature totals the decoder formed (`SAE.reconstruct`), whose gradient joins f's inside its product.
+    mass_K = out.totals if out.totals is not None else out.features.sum(0).float()
     l1 = mass_K.sum() / out.features.shape[0]
     total = recon + l1_at(step, tcfg) * l1 + sum(out.aux_losses.values(), torch.zeros((), device=x_BD.device))
     return {"total": total, "recon": recon, "l1": l1, **out.aux_losses}, err_sq_B, mass_K.detach()

@@ -4,7 +4,7 @@ Every variant maps normalised activations to non-negative features and back, alw
 tokens' positions, so no caller branches on the architecture:
 
     f_BK = sae.encode(x_BD, pos_B)          x_hat_BD = sae.decode(f_BK, pos_B)
-    out = sae(x_BD, pos_B)                  # ForwardOutput(x_hat, features, aux_losses)
+    out = sae(x_BD, pos_B)                  # ForwardOutput(x_hat, features, aux_losses, totals)
 
 Shared choices (docs/decisions.md §9, "Centring"): the decoder bias is subtracted from the encoder's input, the
 encoder starts as the decoder's transpose, and decoder rows (the dictionary's columns in the
@@ -30,6 +30,9 @@ class ForwardOutput(NamedTuple):
     x_hat: Tensor  # [B, D] reconstruction on the normalised scale
     features: Tensor  # [B, K] non-negative feature activations
     aux_losses: dict[str, Tensor]  # the variant's extra loss terms, already weighted; added to the objective
+    # [K] each feature's total over the batch, float32 and differentiable: the L1 term's sum (`SAE.reconstruct`).
+    # None: the objective sums `features` itself.
+    totals: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,19 @@ class SAE(nn.Module):
 
     def forward(self, x_BD: Tensor, pos_B: Tensor) -> ForwardOutput:
         f_BK = self.encode(x_BD, pos_B)
-        return ForwardOutput(self.decode(f_BK, pos_B), f_BK, {})
+        x_hat_BD, totals_K = self.reconstruct(f_BK, pos_B)
+        return ForwardOutput(x_hat_BD, f_BK, {}, totals_K)
+
+    def reconstruct(self, f_BK: Tensor, pos_B: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂ [B, D], each feature's total over the batch [K]), both differentiable: what training needs.
+
+        With `decode` as defined here one Function forms both (`_Decode`), and the totals' gradient (the
+        L1 term's) joins f's gradient inside the decoder's product. A variant that redefines `decode` gets
+        its own x̂, and its totals summed apart.
+        """
+        if type(self).decode is SAE.decode:
+            return _Decode.apply(f_BK, self.W_dec_KD, self.b_dec_D)
+        return self.decode(f_BK, pos_B), f_BK.sum(0).to(self.W_dec_KD.dtype)
 
     @property
     def groups(self) -> dict[str, range] | None:
@@ -196,6 +211,38 @@ class _PreActs(torch.autograd.Function):
         grad_x_BD = g_BK @ W_c_DK.T if ctx.needs_input_grad[0] else None
         grad_W_DK = torch.mm(x_BD.T, g_BK).to(W_DK.dtype).addr_(b_dec_D, g_K, alpha=-1)
         return grad_x_BD, None, grad_W_DK, g_K, -vec_mat(g_K, W_DK.T)
+
+
+class _Decode(torch.autograd.Function):
+    """(x̂ = f W_dec + b_dec, totals = Σ_B f) with a hand-written backward (`SAE.reconstruct`).
+
+    f's gradient is g_x̂ W_decᵀ plus the totals' gradient broadcast over the batch; here the second is
+    the bias of the product that forms the first, where autograd would form the product and then add
+    the broadcast in a pass of its own over [B, K]. The sum accumulates in fp32 and is rounded once to
+    f's dtype, then widened: a bf16 [B, K] sum into fp32 takes 7x as long. The same numbers up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, f_BK: Tensor, W_KD: Tensor, b_D: Tensor) -> tuple[Tensor, Tensor]:
+        c = f_BK.dtype
+        with torch.autocast(f_BK.device.type, enabled=False):
+            W_c_KD = W_KD.to(c)
+            x_hat_BD = torch.addmm(b_D.to(c), f_BK, W_c_KD)
+            totals_K = f_BK.sum(0).to(W_KD.dtype)
+        ctx.save_for_backward(f_BK, W_c_KD)
+        ctx.dtypes = W_KD.dtype, b_D.dtype
+        return x_hat_BD, totals_K
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor | None, g_K: Tensor | None) -> tuple[Tensor | None, ...]:
+        f_BK, W_c_KD = ctx.saved_tensors
+        if g_BD is None:  # only the totals reach the loss
+            return g_K.to(f_BK.dtype).expand_as(f_BK), None, None
+        g_BD = g_BD.to(f_BK.dtype)
+        g_f_BK = g_BD @ W_c_KD.T if g_K is None else torch.addmm(g_K.to(f_BK.dtype), g_BD, W_c_KD.T)
+        grad_W_KD = torch.mm(f_BK.T, g_BD).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None
+        grad_b_D = g_BD.sum(0).to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
+        return g_f_BK, grad_W_KD, grad_b_D
 
 
 def vec_mat(v_D: Tensor, W_DK: Tensor) -> Tensor:

@@ -97,4 +97,5 @@ class Contrastive(Hierarchical):
     def forward(self, x_BD: Tensor, pos_B: Tensor) -> ForwardOutput:
         f_BK, f_p_BP = self.encode_with_position(x_BD, pos_B)
         nce = position_info_nce(f_p_BP, pos_B, self.seq_len, self.options.temperature, self.options.anchors)
-        return ForwardOutput(self.decode(f_BK, pos_B), f_BK, {"contrastive": self.options.weight * nce})
+        x_hat_BD, totals_K = self.reconstruct(f_BK, pos_B)
+        return ForwardOutput(x_hat_BD, f_BK, {"contrastive": self.options.weight * nce}, totals_K)

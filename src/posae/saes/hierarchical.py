@@ -53,7 +53,7 @@ class Hierarchical(GroupedSAE):
     Options = HierarchicalOptions
     use_attention: ClassVar[bool] = True
     use_gate: ClassVar[bool] = True
-    # The position table r_t goes to the reconstruction instead of the position features' input (residual).
+    # The position table r_t goes to the reconstruction (residual's `decode`) instead of the position features' input.
     position_residual: ClassVar[bool] = False
 
     def __init__(self, d_model, sae_cfg, seq_len, options, generator):
@@ -131,12 +131,6 @@ class Hierarchical(GroupedSAE):
         if self.use_gate:
             f_p_BP = f_p_BP * self.gates(pos_B, f_p_BP.dtype)
         return torch.relu(pre_g_BG), f_p_BP
-
-    def decode(self, f_BK: Tensor, pos_B: Tensor) -> Tensor:
-        x_hat_BD = super().decode(f_BK, pos_B)
-        if self.position_residual:
-            x_hat_BD = x_hat_BD + self.position_table().to(x_hat_BD.dtype).index_select(0, pos_B)
-        return x_hat_BD
 
     def route(self, x_BD: Tensor, pos_B: Tensor, p_TD: Tensor) -> Tensor:
         """α_t (eq. 4): queries (x − b_d + p_t) W_q attend over the position table; [B, P]."""

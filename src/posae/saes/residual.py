@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from posae.saes import register
 from posae.saes.hierarchical import Hierarchical
 
@@ -23,3 +25,7 @@ class Residual(Hierarchical):
     use_attention = False
     use_gate = False
     position_residual = True
+
+    def decode(self, f_BK: Tensor, pos_B: Tensor) -> Tensor:
+        x_hat_BD = super().decode(f_BK, pos_B)
+        return x_hat_BD + self.position_table().to(x_hat_BD.dtype).index_select(0, pos_B)
