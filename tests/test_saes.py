@@ -257,3 +257,43 @@ def test_a_variant_that_redefines_decode_gets_its_own_reconstruction():
     torch.testing.assert_close(out.x_hat, sae.decode(out.features, pos_B))
     assert not torch.allclose(out.x_hat, torch.addmm(sae.b_dec_D, out.features, sae.W_dec_KD))  # r_t is in it
     torch.testing.assert_close(out.totals, out.features.sum(0))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_in_bf16_is_addmm_and_relu_to_the_bit(relu):
+    # bf16 on a CPU goes through oneDNN's fused epilogue; it must be the plain ops' numbers, not close to them.
+    from posae.saes.base import linear
+    g = torch.Generator().manual_seed(6)
+    x, W, b = (torch.randn(*s, generator=g).bfloat16() for s in ((300, 64), (64, 48), (48,)))
+    want = torch.addmm(b, x, W)
+    want = want.relu() if relu else want
+    got = linear(x, W, b, relu)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert not torch.equal(linear(x, W, b, not relu), want)  # the flag is honoured
+    torch.backends.mkldnn.enabled = False  # the plain ops' path
+    try:
+        assert torch.equal(linear(x, W, b, relu), want)
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+def test_plus_product_in_bf16_is_addmm_to_the_bit():
+    from posae.saes.base import plus_product
+    g = torch.Generator().manual_seed(8)
+    y, x, W = (torch.randn(*s, generator=g).bfloat16() for s in ((300, 48), (300, 64), (64, 48)))
+    assert torch.equal(plus_product(y, x, W), torch.addmm(y, x, W))
+
+
+def test_under_bf16_autocast_a_relu_encoders_gradients_are_autograds():
+    sae = make("baseline")
+    x_BD, _ = batch()
+    x_BD = x_BD.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_BK = sae.pre_acts(x_BD, relu=True)
+        plain_BK = torch.relu(torch.addmm(sae.b_enc_K - sae.b_dec_D @ sae.W_enc_DK, x_BD, sae.W_enc_DK))
+    assert torch.equal(f_BK, plain_BK.to(f_BK.dtype))
+    w_BK = torch.randn(f_BK.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+    got = torch.autograd.grad((f_BK * w_BK).float().sum(), [sae.W_enc_DK, sae.b_enc_K, sae.b_dec_D])
+    want = torch.autograd.grad((plain_BK * w_BK).float().sum(), [sae.W_enc_DK, sae.b_enc_K, sae.b_dec_D])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))

@@ -12,7 +12,7 @@ the baseline's 102, and ran 1.56x its ops' isolated time where the baseline ran 
   leaves in one product the other way, where autograd ran four of each and summed them;
 - the features are written into one [B, K] tensor and their gradient into one, with no split or cat of
   the global and position halves; the biases ride on the additions that follow the product;
-- α_t is added by the accumulate of W_o's product (h1 + o W_o in one op); the per-position sums of the
+- α_t is added in the epilogue of W_o's product (h1 + o W_o in one op); the per-position sums of the
   gradient are one product with the tokens' one-hot positions;
 - every weight's gradient is formed in its own dtype in place, without autograd's casts and sums.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posae.saes.base import vec_mat
+from posae.saes.base import plus_product, vec_mat
 
 threshold_backward = torch.ops.aten.threshold_backward
 
@@ -85,7 +85,7 @@ class HierarchicalEncode(torch.autograd.Function):
                 a_HBT = torch.bmm(q_HBE, k_HET).softmax(dim=-1)
                 o_BX = torch.bmm(a_HBT, v_HTE).transpose(0, 1).reshape(B, X)
                 Wo_c = W_o_XP.to(c)
-                h2_BP = torch.addmm(h1_BP, o_BX, Wo_c).relu_()  # ReLU(h1 + α), α = o W_o, in one op
+                h2_BP = plus_product(h1_BP, o_BX, Wo_c).relu_()  # ReLU(h1 + α), α = o W_o
                 saved[:6] = [q_HBE, k_HET, v_HTE, a_HBT, o_BX, Wo_c]
             else:
                 h2_BP = h1_BP

@@ -88,7 +88,7 @@ class Hierarchical(GroupedSAE):
 
     def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
         if self.position_residual:
-            return torch.relu(self.pre_acts(x_BD))  # both halves see x − b_d alone; r_t joins in `decode`
+            return self.pre_acts(x_BD, relu=True)  # both halves see x − b_d alone; r_t joins in `decode`
         return self.encode_with_position(x_BD, pos_B, want_position=False)[0]
 
     def encode_with_position(self, x_BD: Tensor, pos_B: Tensor,

@@ -39,7 +39,7 @@ class PositionMasking(GroupedSAE):
         return problem
 
     def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
-        f_BK = torch.relu(self.pre_acts(x_BD))
+        f_BK = self.pre_acts(x_BD, relu=True)
         f_g_BG, f_p_BP = self.split(f_BK)
         return torch.cat([f_g_BG, f_p_BP * self.gates(pos_B, f_p_BP.dtype)], dim=1)
 

@@ -32,7 +32,7 @@ class SoftMasking(GroupedSAE):
         self.mask_logits_TP = nn.Parameter(torch.full((seq_len, self.k - self.n_global), self.options.mask_init))
 
     def encode(self, x_BD: Tensor, pos_B: Tensor) -> Tensor:
-        f_BK = torch.relu(self.pre_acts(x_BD))
+        f_BK = self.pre_acts(x_BD, relu=True)
         f_g_BG, f_p_BP = self.split(f_BK)
         return torch.cat([f_g_BG, f_p_BP * self.gates(pos_B, f_p_BP.dtype)], dim=1)
 
