@@ -297,3 +297,17 @@ def test_under_bf16_autocast_a_relu_encoders_gradients_are_autograds():
     want = torch.autograd.grad((plain_BK * w_BK).float().sum(), [sae.W_enc_DK, sae.b_enc_K, sae.b_dec_D])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_unit_rows_are_f_normalize_with_its_gradient_including_an_all_zero_row():
+    import torch.nn.functional as F
+    from posae.saes.contrastive import _UnitRows
+    z = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    z[2] = 0.0  # the norm is clamped to ε there, as in F.normalize
+    w = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    got_z, want_z = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = _UnitRows.apply(got_z), F.normalize(want_z, dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(got_z.grad, want_z.grad, rtol=1e-9, atol=1e-9)
