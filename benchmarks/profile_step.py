@@ -28,7 +28,8 @@ from posae import memory, provenance  # noqa: E402
 from posae.config import TrainConfig  # noqa: E402
 
 GROUPS = (
-    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    # mkldnn::_linear_pointwise: a bf16 product with its bias, ReLU or sum in oneDNN's epilogue (posae.saes.base.linear)
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise")),
     ("casts", ("aten::_to_copy", "aten::to", "aten::copy_")),
     ("AdamW", ("aten::_fused_adamw_",)),
     ("gathers", ("aten::index_select", "aten::index", "aten::index_add", "aten::embedding", "aten::gather",
@@ -86,8 +87,7 @@ def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as shaped:
         run(1)  # FLOPs and shapes only: this pass's times are not used
     self_us, per_op, calls = grouped(prof.key_averages(), steps)
-    flops = sum(e.flops or 0 for e in shaped.key_averages()
-                if group_of(e.key) == "matmuls" and e.key not in CONTAINERS)
+    flops = sum(matmul_flops(e) for e in shaped.events() if group_of(e.key) == "matmuls" and e.key not in CONTAINERS)
     print(f"\n### {variant}, batch {batch:,}, k = {k}: {wall * 1e3:.1f} ms per step "
           f"({batch / wall / 1e3:.1f}k tokens/s)\n")
     print_groups(self_us, wall, "Python, autograd, allocator")
@@ -103,6 +103,17 @@ def profile_variant(variant: str, batch: int, k: int, steps: int, top: int, peak
             shapes[e.key] = str(e.input_shapes)[:70]
         for name, us in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
             print(f"- {name}: {us / 1e3:.2f} ({calls.get(name, 0)} calls; {shapes.get(name, '')})")
+
+
+def matmul_flops(event) -> float:
+    """A matmul event's FLOPs: the profiler's count, or for oneDNN's fused product (which it does not count)
+    2 · rows · in · out from its input [rows, in] and its weight [out, in]: the second argument, or the third
+    in the `.binary` overload (X, other, W, B, attr), which has five arguments where the default has six."""
+    if event.name == "mkldnn::_linear_pointwise":
+        shapes = event.input_shapes
+        (rows, inner), (out, _) = shapes[0], shapes[2 if len(shapes) == 5 else 1]
+        return 2.0 * rows * inner * out
+    return float(event.flops or 0)
 
 
 def main() -> int:

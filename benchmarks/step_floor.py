@@ -29,7 +29,7 @@ import train_step as ts  # noqa: E402  (the benchmark's in-memory store and step
 from posae import memory, provenance  # noqa: E402
 from posae.config import TrainConfig  # noqa: E402
 
-MATMULS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.")
+MATMULS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "mkldnn._linear_pointwise.")
 
 
 class _Record(TorchDispatchMode):
