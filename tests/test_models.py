@@ -191,7 +191,7 @@ def test_fused_gelu_mlp_is_the_stock_mlp_within_bf16_rounding():
         ref, stock, fused = mlp32(x16.float()), mlp16(x16).float(), fast(x16).float()
         broken = mlp16.down_proj(torch.ops.mkldnn._linear_pointwise(x16, mlp16.gate_proj.weight, None, "none", [], "")
                                  * mlp16.up_proj(x16)).float()
-    if not kernels._HAS_FUSED_LINEAR:
+    if not kernels.HAS_FUSED_LINEAR:
         pytest.skip("this torch has no oneDNN fused linear: the stock forward runs")
 
     def rel(a):

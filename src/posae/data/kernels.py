@@ -54,7 +54,7 @@ class FusedGeluMLP:
 
 def _fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any) -> bool:
     recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (_HAS_FUSED_LINEAR and not recording and x.device.type == "cpu" and bias is None
+    return (HAS_FUSED_LINEAR and not recording and x.device.type == "cpu" and bias is None
             and x.dtype == weight.dtype == torch.bfloat16 and _is_tanh_gelu(act))
 
 
@@ -64,7 +64,8 @@ def _is_tanh_gelu(act: Any) -> bool:
     return isinstance(fn, functools.partial) and fn.func is F.gelu and fn.keywords == {"approximate": "tanh"}
 
 
-_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's matmul with a fused epilogue; posae.saes.base uses it too, for the SAE step's bf16 products.
+HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 # Stock classes whose forward the mixin reproduces, by module path and class name.
 _SWAPS = {

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posae.config import SAEConfig
+from posae.data.kernels import HAS_FUSED_LINEAR
 
 
 class ForwardOutput(NamedTuple):
@@ -231,11 +232,8 @@ def linear(x_BI: Tensor, W_IO: Tensor, b_O: Tensor, relu: bool = False) -> Tenso
 def _onednn_bf16(x: Tensor) -> bool:
     """Whether x's products can run through oneDNN's fused-epilogue matmul: bf16 on a CPU, oneDNN present
     and enabled (`torch.backends.mkldnn.enabled = False` turns this path off)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _HAS_FUSED_LINEAR
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and HAS_FUSED_LINEAR
             and torch.backends.mkldnn.enabled)
-
-
-_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def plus_product(y_BO: Tensor, x_BI: Tensor, W_IO: Tensor) -> Tensor:
