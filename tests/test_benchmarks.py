@@ -29,3 +29,12 @@ def test_step_floor_counts_the_matmuls_by_name():
         torch.addmm(a, a, a).mm(a).relu()
     mm = [str(f) for f, _, _ in rec.ops if str(f).startswith(step_floor.MATMULS)]
     assert mm == ["aten.addmm.default", "aten.mm.default"]
+
+
+def test_matmul_layouts_builds_the_layout_it_names():
+    import matmul_layouts
+
+    row, col = matmul_layouts.operand(6, 4, False), matmul_layouts.operand(6, 4, True)
+    assert row.shape == col.shape == (6, 4) and row.dtype == col.dtype == torch.bfloat16
+    assert row.stride() == (4, 1)  # row-major
+    assert col.stride() == (1, 6)  # column-major: a transposed view, as a weight gradient's operand arrives
