@@ -16,25 +16,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 
-from posae import provenance
+sys.path.insert(0, str(Path(__file__).parent))
+import train_step as ts  # noqa: E402  (its interleaved best-round timer)
 
-
-def best_ms(fn: Callable[[], object], reps: int = 10, rounds: int = 5) -> float:
-    """The fastest round's mean time per call, after a warm-up."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best * 1e3
+from posae import provenance  # noqa: E402
 
 
 def operand(rows: int, cols: int, column_major: bool) -> torch.Tensor:
@@ -58,14 +48,16 @@ def main() -> None:
           f"({' '.join(provenance.cpu_bf16_features()) or 'no bf16 units'})\n")
     print("| product [M, K] x [K, N] | A | B | ms | GFLOP/s |")
     print("|---|---|---|---:|---:|")
-    times = {}
-    for name, (m, c, n) in (("tall, x W", (B, D, K)), ("weight gradient, x^T g", (D, B, K))):
-        for a_col, b_col in itertools.product((False, True), repeat=2):
-            A, Bm = operand(m, c, a_col), operand(c, n, b_col)
-            ms = best_ms(lambda: torch.mm(A, Bm))
-            times[name, a_col, b_col] = ms
-            print(f"| {name}: [{m}, {c}] x [{c}, {n}] | {'column' if a_col else 'row'}-major "
-                  f"| {'column' if b_col else 'row'}-major | {ms:.2f} | {2 * m * c * n / ms / 1e6:,.0f} |")
+    shapes = {"tall, x W": (B, D, K), "weight gradient, x^T g": (D, B, K)}
+    cases = {(name, a_col, b_col): (operand(m, c, a_col), operand(c, n, b_col))
+             for name, (m, c, n) in shapes.items() for a_col, b_col in itertools.product((False, True), repeat=2)}
+    secs = ts.best_seconds({case: ts.repeat(lambda a=a, b=b: torch.mm(a, b)) for case, (a, b) in cases.items()},
+                           rounds=5, reps=10)
+    times = {case: s * 1e3 for case, s in secs.items()}
+    for (name, a_col, b_col), ms in times.items():
+        m, c, n = shapes[name]
+        print(f"| {name}: [{m}, {c}] x [{c}, {n}] | {'column' if a_col else 'row'}-major "
+              f"| {'column' if b_col else 'row'}-major | {ms:.2f} | {2 * m * c * n / ms / 1e6:,.0f} |")
     x = torch.randn(B, D).bfloat16()
     out = torch.empty(D, B, dtype=torch.bfloat16)
 
@@ -80,8 +72,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     as_is = times["weight gradient, x^T g", True, False]
     row_major = times["weight gradient, x^T g", False, False]
-    for name, fn in copies.items():
-        ms = best_ms(fn)
+    copy_secs = ts.best_seconds({name: ts.repeat(fn) for name, fn in copies.items()}, rounds=5, reps=10)
+    for name, seconds in copy_secs.items():
+        ms = seconds * 1e3
         print(f"| {name} | {ms:.2f} | {ms + row_major:.2f} | {as_is:.2f} |")
 
 
