@@ -11,9 +11,12 @@ the baseline's 102, and ran 1.56x its ops' isolated time where the baseline ran 
 - the position table meets every weight in one product, p [W_p | W_q / √E | W_k | W_v], and its gradient
   leaves in one product the other way, where autograd ran four of each and summed them;
 - the features are written into one [B, K] tensor and their gradient into one, with no split or cat of
-  the global and position halves; the biases ride on the additions that follow the product;
-- α_t is added in the epilogue of W_o's product (h1 + o W_o in one op); the per-position sums of the
-  gradient are one product with the tokens' one-hot positions;
+  the global and position halves; the bias is added in the encoder product's epilogue;
+- each token's rows of the position tables join the product's output in place, as a product with the
+  tokens' one-hot positions [B, T] (one pass where a gather and an add were two), and the backward's
+  per-position sums are the same one-hot's product the other way; the batch sums of the position
+  columns are then sums of those T rows;
+- α_t is added in the epilogue of W_o's product (h1 + o W_o in one op);
 - every weight's gradient is formed in its own dtype in place, without autograd's casts and sums.
 
 The arithmetic is the reference's up to rounding: the same bf16 products, summed in another order.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posae.saes.base import plus_product, vec_mat
+from posae.saes.base import linear, plus_product, vec_mat
 
 threshold_backward = torch.ops.aten.threshold_backward
 
@@ -65,20 +68,25 @@ class HierarchicalEncode(torch.autograd.Function):
             else:
                 W_DN, b_N = W_DK, b_enc_K
             Wc_DN = W_DN.to(c)
-            # No bias in the product (addmm would first copy it into every row): it rides on the additions
-            # that follow, the position and query columns' inside their per-position tables.
-            pre_BN = torch.mm(x_BD, Wc_DN)
+            # The bias in the product's epilogue (`linear`), so the global half needs a ReLU alone and the
+            # position and query columns' tables none of their own.
             bias_N = (b_N - vec_mat(b_dec_D, W_DN)).to(c)
+            pre_BN = linear(x_BD, Wc_DN, bias_N)
             # Every product of the position table in one: p [W_p | W_q / √E | W_k | W_v].
             Wtab_DM = torch.cat([Wc_DN[:, G:], W_k_DX.to(c), W_v_DX.to(c)], dim=1) if attend else Wc_DN[:, G:]
             p_c_TD = p_TD.to(c)
             tabs_TM = p_c_TD @ Wtab_DM
-            tabs_TM[:, :N - G] += bias_N[G:]
-            h1_BP = torch.add(pre_BN[:, G:K], tabs_TM[:, :P].index_select(0, pos_B)).relu_()
+            # Each token's row of the position and query tables, added in place as a product with the tokens'
+            # one-hot positions: one pass over [B, P + X] where a gather and an add were two. Exact: each
+            # product has a single term.
+            one_hot_BT = x_BD.new_zeros(x_BD.shape[0], p_TD.shape[0])
+            one_hot_BT[torch.arange(x_BD.shape[0], device=x_BD.device), pos_B] = 1
+            pre_BN[:, G:].addmm_(one_hot_BT, tabs_TM[:, :N - G])
+            h1_BP = torch.clamp_min(pre_BN[:, G:K], 0)  # contiguous, for the ops that read it
             f_BK = torch.empty(x_BD.shape[0], K, dtype=c, device=x_BD.device)
-            torch.add(pre_BN[:, :G], bias_N[:G], out=f_BK[:, :G]).relu_()
+            torch.clamp_min(pre_BN[:, :G], 0, out=f_BK[:, :G])
             if attend:
-                q_BX = torch.add(pre_BN[:, K:], tabs_TM[:, P:P + X].index_select(0, pos_B))
+                q_BX = pre_BN[:, K:].contiguous()
                 q_HBE = q_BX.view(B, H, E).transpose(0, 1)
                 k_HET = tabs_TM[:, P + X:P + 2 * X].reshape(T, H, E).permute(1, 2, 0)
                 v_HTE = tabs_TM[:, P + 2 * X:].reshape(T, H, E).transpose(0, 1)
@@ -97,7 +105,7 @@ class HierarchicalEncode(torch.autograd.Function):
             else:
                 f_BK[:, G:] = h2_BP
             saved[8] = h2_BP
-        ctx.save_for_backward(x_BD, pos_B, W_DN, Wc_DN, b_dec_D, p_c_TD, Wtab_DM, f_BK, h1_BP, *saved)
+        ctx.save_for_backward(x_BD, pos_B, one_hot_BT, W_DN, Wc_DN, b_dec_D, p_c_TD, Wtab_DM, f_BK, h1_BP, *saved)
         ctx.n_global, ctx.heads = G, heads
         ctx.dtypes = (W_DK.dtype, b_enc_K.dtype, b_dec_D.dtype, p_TD.dtype,
                       *(w.dtype if w is not None else None for w in (W_q_DX, W_k_DX, W_v_DX, W_o_XP, gate_TP)))
@@ -105,7 +113,7 @@ class HierarchicalEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_f_BK: Tensor, g_fp_BP: Tensor | None):
-        (x_BD, pos_B, W_DN, Wc_DN, b_dec_D, p_c_TD, Wtab_DM, f_BK, h1_BP,
+        (x_BD, pos_B, one_hot_BT, W_DN, Wc_DN, b_dec_D, p_c_TD, Wtab_DM, f_BK, h1_BP,
          q_HBE, k_HET, v_HTE, a_HBT, o_BX, Wo_c, sig_TP, gate_BP, h2_BP) = ctx.saved_tensors
         G, c, wide = ctx.n_global, f_BK.dtype, W_DN.dtype  # weight gradients are formed in the weights' dtype
         attend, gated = q_HBE is not None, sig_TP is not None
@@ -141,18 +149,18 @@ class HierarchicalEncode(torch.autograd.Function):
         else:
             g_a_BP = g_h2_BP
         relu_grad_into(g_a_BP, h1_BP, g_pre_BN[:, G:K])
-        # Σ over each position's tokens of [g_p | g_q] as one product with their one-hot [T, B]: index_add_
+        # Σ over each position's tokens of [g_p | g_q] as one product with their one-hot positions: index_add_
         # from these strided columns of a [B, N] tensor takes 8x its time from a contiguous one.
-        one_hot_TB = g_pre_BN.new_zeros(T, B)
-        one_hot_TB[pos_B, torch.arange(B, device=pos_B.device)] = 1
-        g_tabs_TM = one_hot_TB @ g_pre_BN[:, G:]
+        g_tabs_TM = one_hot_BT.T @ g_pre_BN[:, G:]
+        # Σ over the batch of the whole [g_pre | g_q]: the global columns' from the batch, the rest from their
+        # per-position sums, a [T]-row sum where the batch's would be a [B]-row one.
+        g_N = torch.cat([g_pre_BN[:, :G].sum(0), g_tabs_TM.sum(0)]).to(wide)
         if attend:
             g_tabs_TM = torch.cat([g_tabs_TM, g_k_TX, g_v_TX], dim=1)
         # The two products of every position-table gradient: p's, and the weights' [W_p | W_q / √E | W_k | W_v].
         grad_p = torch.mm(g_tabs_TM, Wtab_DM.T).to(ctx.dtypes[3])
         g_Wtab_DM = torch.mm(p_c_TD.T, g_tabs_TM).to(wide)
         # _PreActs's backward over [W_enc | W_q / √E], plus W_p's and W_q's shares from the table.
-        g_N = g_pre_BN.sum(0).to(wide)
         grad_W_DN = torch.mm(x_BD.T, g_pre_BN).to(wide).addr_(b_dec_D, g_N, alpha=-1)
         grad_W_DN[:, G:] += g_Wtab_DM[:, :P + X]
         grad_b_dec = -vec_mat(g_N, W_DN.T)
